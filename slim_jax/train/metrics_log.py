@@ -1,0 +1,80 @@
+"""Training metrics to TensorBoard event files and to a JSONL file, in one call.
+
+`MetricsWriter(logdir).write(step, {"train/loss": 1.2, ...})` appends one JSON line
+`{"step": 10, "time": ..., "train/loss": 1.2}` to `metrics.jsonl` and one scalar per key
+to the TensorBoard event file (tensorboardX). A resumed run passes `resume_step`: lines
+of the interrupted run logged after its last checkpoint are removed, so the JSONL holds
+each step once and reads like an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(logdir: str) -> list[dict]:
+  """All lines of `metrics.jsonl` (a torn last line, from a kill, is skipped)."""
+  path = os.path.join(logdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+class MetricsWriter:
+  """Writes scalars to `logdir/metrics.jsonl` and TensorBoard event files in `logdir`."""
+
+  def __init__(self, logdir: str, resume_step: int | None = None, tensorboard: bool = True):
+    os.makedirs(logdir, exist_ok=True)
+    self.logdir = logdir
+    self.path = os.path.join(logdir, METRICS_FILE)
+    if os.path.exists(self.path):
+      keep = [] if resume_step is None else [
+          r for r in read_metrics(logdir) if r.get("step", 0) <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+      os.replace(tmp, self.path)
+    self._jsonl = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=logdir, purge_step=resume_step)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in values.items():
+        self._tb.add_scalar(key, value, int(step))
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if not self._jsonl.closed:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
