@@ -24,6 +24,7 @@ import dataclasses
 import re
 import string
 
+from slim_jax.data import raw
 from slim_jax.data.dataset import Item, SequenceDataset
 
 DEFAULT_MAX_HISTORY = 50
@@ -33,7 +34,7 @@ DEFAULT_SYSTEM = ("You are an expert recommender system. You reason step by step
 
 DEFAULT_USER_TEMPLATE = """\
 Here are the {num_items} items a user interacted with (bought, rated or watched), in time \
-order, oldest first. Each line gives the title, then the brand and the categories when known.
+order, oldest first, one item per line.
 
 {history}
 
@@ -108,14 +109,17 @@ def load_template(path: str) -> PromptTemplate:
 
 
 def describe_item(item: Item) -> str:
-  """One history line: title, then brand and categories when the item table has them."""
-  parts = [item.title.strip() or f"item {item.raw_id}"]
-  if item.brand.strip():
-    parts.append(f"brand: {item.brand.strip()}")
-  categories = [c.strip() for c in item.categories if c.strip()]
-  if categories:
-    parts.append(f"categories: {', '.join(categories)}")
-  return "; ".join(parts)
+  """One history line: the item's description f_i from the item table.
+
+  The loaders write `text` as labelled fields ('Title: X; Brand: Y; Categories: a, b' for
+  Amazon, 'Title: X; Year: Y; Genres: a, b' for MovieLens); an item without one is described
+  from its title, brand and categories the same way.
+  """
+  if item.text.strip():
+    return " ".join(item.text.split())
+  return raw.describe((("Title", item.title.strip() or f"item {item.raw_id}"),
+                       ("Brand", item.brand.strip()),
+                       ("Categories", [c.strip() for c in item.categories if c.strip()])))
 
 
 def history_items(dataset: SequenceDataset, user: int,

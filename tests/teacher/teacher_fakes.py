@@ -20,15 +20,19 @@ import time
 
 import numpy as np
 
+from slim_jax.data import raw
 from slim_jax.data.dataset import Item, SequenceDataset
 
 
 def make_dataset(num_users: int = 12, num_items: int = 40, seed: int = 0) -> SequenceDataset:
   """Users with 5..12 interactions over items with unique, searchable titles."""
   rng = np.random.default_rng(seed)
-  items = [Item(item_id=i, raw_id=f"B{i:05d}", title=f"Gadget-{i:03d}-title",
-                brand=f"Brand{i % 5}", categories=("Electronics", f"Cat{i % 7}"),
-                text=f"Gadget {i}") for i in range(1, num_items + 1)]
+  items = []
+  for i in range(1, num_items + 1):
+    title, brand, categories = f"Gadget-{i:03d}-title", f"Brand{i % 5}", ("Electronics", f"Cat{i % 7}")
+    items.append(Item(item_id=i, raw_id=f"B{i:05d}", title=title, brand=brand,
+                      categories=categories, text=raw.describe((
+                          ("Title", title), ("Brand", brand), ("Categories", categories)))))
   sequences, timestamps = [], []
   for _ in range(num_users):
     length = int(rng.integers(5, 13))

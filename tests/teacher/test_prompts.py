@@ -33,11 +33,14 @@ def test_history_in_time_order_capped_to_most_recent():
     prompts.history_items(dataset, user, max_history=0)
 
 
-def test_item_line_has_title_brand_categories_and_skips_empty_fields():
-  item = Item(1, "x", "Toy Story (1995)", "", ("Animation", "Comedy"), "")
-  assert prompts.describe_item(item) == "Toy Story (1995); categories: Animation, Comedy"
-  item = Item(1, "x", "Mario", "Nintendo", (), "")
-  assert prompts.describe_item(item) == "Mario; brand: Nintendo"
+def test_item_line_is_the_item_description_or_its_fields():
+  movie = Item(1, "1", "Toy Story", "", ("Animation", "Comedy"),
+               "Title: Toy Story; Year: 1995; Genres: Animation, Comedy")
+  assert prompts.describe_item(movie) == movie.text  # MovieLens: genres and year
+  item = Item(1, "x", "Mario", "Nintendo", ("Games", " "), "")
+  assert prompts.describe_item(item) == "Title: Mario; Brand: Nintendo; Categories: Games"
+  item = Item(1, "x", "Zelda", "", (), "")
+  assert prompts.describe_item(item) == "Title: Zelda"
 
 
 def test_default_prompt_asks_three_steps():

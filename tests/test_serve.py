@@ -1,0 +1,307 @@
+"""The OpenAI-compatible server: protocol and batching with a scripted generator, then the
+real Flax LLaMA (tiny random weights, real tokenizer) behind the real `openai` client."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import threading
+import time
+
+import openai
+import pytest
+
+from slim_jax import serve
+
+
+# ----------------------------------------------------------------------------- fakes
+
+@dataclasses.dataclass(frozen=True)
+class FakeSampling:
+  max_new_tokens: int = 256
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop: tuple[str, ...] = ()
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class FakeCompletion:
+  text: str
+  token_ids: list[int]
+  prompt_tokens: int
+  completion_tokens: int
+  finish_reason: str
+
+
+class FakeTokenizer:
+  def __call__(self, text, add_special_tokens=False):
+    return {"input_ids": list(range(len(text.split())))}
+
+
+class FakeGenerator:
+  """Answers with a fixed word sequence, one word per decode step of `step_seconds`.
+
+  Like the real generator it decodes a whole batch in lock step, so a batch of 16 costs
+  about as much as a batch of 1.
+  """
+  WORDS = "Step 1: likes RPGs. Step 2: Nintendo. Step 3: Zelda STOP and then more words".split()
+
+  def __init__(self, step_seconds=0.002):
+    self.tokenizer = FakeTokenizer()
+    self.step_seconds = step_seconds
+    self.batch_sizes = []
+    self.sampling_seen = []
+
+  def render_chat(self, messages):
+    return " ".join(m["content"] for m in messages)
+
+  def chat(self, conversations, sampling=FakeSampling(), callback=None):
+    rows = len(conversations)
+    self.batch_sizes.append(rows)
+    sampling = sampling if isinstance(sampling, list) else [sampling] * rows
+    self.sampling_seen.extend(sampling)
+    texts, finished, reasons = [""] * rows, [False] * rows, ["length"] * rows
+    counts = [0] * rows
+    for step in range(max(s.max_new_tokens for s in sampling)):
+      time.sleep(self.step_seconds)
+      for row, params in enumerate(sampling):
+        if finished[row] or step >= params.max_new_tokens:
+          finished[row] = True
+          continue
+        if step >= len(self.WORDS):
+          finished[row], reasons[row] = True, "stop"
+          continue
+        piece = ("" if step == 0 else " ") + self.WORDS[step]
+        candidate = texts[row] + piece
+        hit = [candidate.find(s) for s in params.stop if s in candidate]
+        counts[row] += 1
+        if hit:  # the final text ends before the stop sequence, even if part was emitted
+          texts[row] = candidate[:min(hit)]
+          finished[row], reasons[row] = True, "stop"
+          continue
+        texts[row] += piece
+        if callback is not None and piece:
+          callback(row, piece)
+    prompt = [len(self.render_chat(c).split()) for c in conversations]
+    return [FakeCompletion(t, list(range(n)), p, n, r)
+            for t, n, p, r in zip(texts, counts, prompt, reasons)]
+
+
+FULL_TEXT = " ".join(FakeGenerator.WORDS)
+
+
+@pytest.fixture
+def fake_server():
+  generator = FakeGenerator()
+  server = serve.ChatServer(generator, "fake-model", max_batch_size=16, batch_window_ms=20,
+                            max_seq_len=64, default_max_tokens=32, sampling_cls=FakeSampling)
+  with server:
+    yield server, generator
+
+
+def client_for(server, **kw):
+  return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, **kw)
+
+
+def raw_post(server, path, body, headers=None):
+  conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  conn.request("POST", path, body=data, headers={"Content-Type": "application/json",
+                                                 **(headers or {})})
+  response = conn.getresponse()
+  payload = response.read()
+  conn.close()
+  return response, payload
+
+
+USER = [{"role": "user", "content": "history: Mario, Kirby"}]
+
+
+# ----------------------------------------------------------------------------- protocol
+
+def test_binds_localhost_and_lists_the_model(fake_server):
+  server, _ = fake_server
+  assert server.httpd.server_address[0] == "127.0.0.1"
+  models = client_for(server).models.list()
+  assert [m.id for m in models.data] == ["fake-model"]
+  assert client_for(server).models.retrieve("fake-model").owned_by == "slim-jax"
+
+
+def test_chat_completion_non_streaming(fake_server):
+  server, generator = fake_server
+  out = client_for(server).chat.completions.create(
+      model="fake-model", messages=USER, max_tokens=4, temperature=0.7, top_p=0.9, seed=5)
+  assert out.object == "chat.completion" and out.model == "fake-model"
+  assert out.choices[0].message.role == "assistant"
+  assert out.choices[0].message.content == "Step 1: likes RPGs."
+  assert out.choices[0].finish_reason == "length"
+  assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+      3, 4, 7)
+  params = generator.sampling_seen[-1]
+  assert (params.max_new_tokens, params.temperature, params.top_p, params.seed) == (
+      4, 0.7, 0.9, 5)
+
+
+def test_default_max_tokens_and_stop(fake_server):
+  server, generator = fake_server
+  out = client_for(server).chat.completions.create(model="fake-model", messages=USER,
+                                                   stop=["STOP"])
+  assert out.choices[0].message.content == FULL_TEXT.split(" STOP")[0] + " "
+  assert out.choices[0].finish_reason == "stop"
+  assert generator.sampling_seen[-1].max_new_tokens == 32
+  assert generator.sampling_seen[-1].stop == ("STOP",)
+
+
+def test_streaming_matches_non_streaming(fake_server):
+  server, _ = fake_server
+  client = client_for(server)
+  full = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=9)
+  chunks = list(client.chat.completions.create(
+      model="fake-model", messages=USER, max_tokens=9, stream=True,
+      stream_options={"include_usage": True}))
+  assert all(c.object == "chat.completion.chunk" for c in chunks)
+  assert chunks[0].choices[0].delta.role == "assistant"
+  text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert text == full.choices[0].message.content
+  assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
+  finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+  assert finals[-1] == "length" and set(finals[:-1]) == {None}
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
+
+
+def test_stream_never_shows_text_past_a_stop_sequence(fake_server):
+  server, _ = fake_server
+  chunks = list(client_for(server).chat.completions.create(
+      model="fake-model", messages=USER, stream=True, stop=["Zelda STOP"]))
+  text = "".join(c.choices[0].delta.content or "" for c in chunks)
+  assert text == FULL_TEXT.split("Zelda STOP")[0]
+  assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stream_wire_format_ends_with_done(fake_server):
+  server, _ = fake_server
+  response, payload = raw_post(server, "/v1/chat/completions", {
+      "model": "fake-model", "messages": USER, "max_tokens": 3, "stream": True})
+  assert response.status == 200
+  assert response.getheader("Content-Type") == "text/event-stream"
+  events = [e for e in payload.decode().split("\n\n") if e]
+  assert all(e.startswith("data: ") for e in events)
+  assert events[-1] == "data: [DONE]"
+  first = json.loads(events[0][len("data: "):])
+  assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_n_choices(fake_server):
+  server, _ = fake_server
+  out = client_for(server).chat.completions.create(model="fake-model", messages=USER, n=3,
+                                                   max_tokens=2, seed=1)
+  assert [c.index for c in out.choices] == [0, 1, 2]
+  assert out.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"model": "fake-model", "messages": USER, "temperature": 3}, 400, "temperature",
+     "invalid_value"),
+    ({"model": "fake-model", "messages": USER, "top_p": "high"}, 400, "top_p", "invalid_type"),
+    ({"model": "fake-model", "messages": []}, 400, "messages", "invalid_value"),
+    ({"model": "fake-model"}, 400, "messages", "missing_required_parameter"),
+    ({"messages": USER}, 400, "model", "missing_required_parameter"),
+    ({"model": "gpt-4", "messages": USER}, 404, "model", "model_not_found"),
+    ({"model": "fake-model", "messages": [{"role": "robot", "content": "hi"}]}, 400,
+     "messages[0].role", "invalid_value"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": 3}]}, 400,
+     "messages[0].content", "invalid_type"),
+    ({"model": "fake-model", "messages": USER, "max_tokens": 0}, 400, "max_tokens",
+     "invalid_value"),
+    ({"model": "fake-model", "messages": USER, "max_tokens": 62}, 400, "messages",
+     "context_length_exceeded"),
+    ({"model": "fake-model", "messages": USER, "stop": [1]}, 400, "stop", "invalid_type"),
+    ({"model": "fake-model", "messages": USER, "tools": [{"type": "function"}]}, 400, "tools",
+     "unsupported_parameter"),
+    ({"model": "fake-model", "messages": USER, "n": 17}, 400, "n", "invalid_value"),
+])
+def test_invalid_requests_get_openai_error_bodies(fake_server, body, status, param, code):
+  server, generator = fake_server
+  response, payload = raw_post(server, "/v1/chat/completions", body)
+  assert response.status == status
+  error = json.loads(payload)["error"]
+  assert set(error) == {"message", "type", "param", "code"}
+  assert (error["param"], error["code"], error["type"]) == (param, code,
+                                                             "invalid_request_error")
+  assert error["message"]
+  assert generator.batch_sizes == []  # nothing reached the model
+
+
+def test_malformed_json_unknown_route_and_sdk_errors(fake_server):
+  server, _ = fake_server
+  response, payload = raw_post(server, "/v1/chat/completions", b"{not json")
+  assert response.status == 400 and "not valid JSON" in json.loads(payload)["error"]["message"]
+  response, payload = raw_post(server, "/v1/completions", {"prompt": "x"})
+  assert response.status == 404 and json.loads(payload)["error"]["code"] == "unknown_url"
+  with pytest.raises(openai.BadRequestError) as info:
+    client_for(server).chat.completions.create(model="fake-model", messages=USER,
+                                               temperature=-1)
+  assert info.value.param == "temperature"
+  with pytest.raises(openai.NotFoundError):
+    client_for(server).chat.completions.create(model="other", messages=USER)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def test_concurrent_requests_share_batches(fake_server):
+  server, generator = fake_server
+  client = client_for(server)
+  results = [None] * 16
+
+  def ask(i):
+    results[i] = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": f"user {i}"}],
+        max_tokens=5)
+
+  threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert all(r.choices[0].message.content == "Step 1: likes RPGs. Step" for r in results)
+  assert sum(generator.batch_sizes) == 16
+  assert len(generator.batch_sizes) <= 4 and max(generator.batch_sizes) >= 8
+  assert server.batcher.largest_batch == max(generator.batch_sizes)
+
+
+def test_batches_never_exceed_the_limit():
+  generator = FakeGenerator()
+  with serve.ChatServer(generator, "m", max_batch_size=4, batch_window_ms=50,
+                        sampling_cls=FakeSampling) as server:
+    client = client_for(server)
+    threads = [threading.Thread(target=lambda: client.chat.completions.create(
+        model="m", messages=USER, max_tokens=2, n=3)) for _ in range(5)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  assert sum(generator.batch_sizes) == 15 and max(generator.batch_sizes) <= 4
+
+
+def test_shutdown_finishes_requests_in_flight_then_refuses():
+  generator = FakeGenerator(step_seconds=0.05)
+  server = serve.ChatServer(generator, "m", sampling_cls=FakeSampling).start()
+  result = {}
+
+  def ask():
+    result["out"] = client_for(server).chat.completions.create(model="m", messages=USER,
+                                                               max_tokens=10)
+
+  thread = threading.Thread(target=ask)
+  thread.start()
+  while not generator.batch_sizes:
+    time.sleep(0.01)
+  server.shutdown()  # while the request is decoding
+  thread.join()
+  assert result["out"].choices[0].finish_reason == "length"
+  assert server.stopped.is_set()
+  with pytest.raises(openai.APIConnectionError):
+    client_for(server, timeout=2).chat.completions.create(model="m", messages=USER)
