@@ -90,6 +90,17 @@ def _write_jsonl_atomic(path: str, rows) -> None:
   os.replace(tmp, path)
 
 
+def write_json_atomic(path: str, obj) -> None:
+  """Writes `obj` as indented JSON to `path` through a temporary file and a rename."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def save(dataset: SequenceDataset, directory: str) -> None:
   """Writes items.jsonl and users.jsonl atomically into `directory`."""
   os.makedirs(directory, exist_ok=True)
