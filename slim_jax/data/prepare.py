@@ -5,7 +5,9 @@ The common preparation, whatever the source:
 1. sort each user's interactions by time; ties keep file order (a stable sort);
 2. drop repeated (user, item) pairs, keeping the earliest;
 3. k-core filtering iterated to a fixed point: every item has >= `core` interactions and
-   every user >= max(`core`, 3) (three are needed for train / valid / test);
+   every user >= max(`core`, 3) (three are needed for train / valid / test); by default
+   5 for Amazon and synthetic data, 0 for MovieLens-100k (as RecBole ships and evaluates
+   it: every user there has >= 20 ratings already);
 4. dense ids: items 1..N (0 is padding) and users 0..U-1, both in natural order of the
    raw ids;
 5. item metadata read for the items kept; a summary of every count and what was dropped.
@@ -33,6 +35,9 @@ from slim_jax.data import synthetic
 
 DATASETS = ("ml-100k", "amazon", "synthetic")
 MANIFEST_FILE = "manifest.json"
+DEFAULT_CORE = {"ml-100k": 0, "amazon": 5, "synthetic": 5}  # RecBole's ml-100k: no filter
+DEFAULT_SEED = 0
+DEFAULT_NUM_NEGATIVES = 100
 MIN_USER_INTERACTIONS = 3  # one training item, one validation target, one test target
 _FORMAT = 1
 
@@ -191,58 +196,112 @@ def _source(dataset_name: str, data_dir: str | None, workdir: str, options: dict
   raise ValueError(f"unknown dataset {dataset_name!r}; expected one of {DATASETS}")
 
 
+def _matches(manifest: dict, wanted: dict, check_inputs: bool) -> bool:
+  """Whether a stored manifest satisfies a request; None options accept any stored value."""
+  if manifest.get("format") != _FORMAT or manifest.get("dataset") != wanted["dataset"]:
+    return False
+  if check_inputs and manifest.get("inputs") != wanted["inputs"]:
+    return False
+  stored = manifest.get("options", {})
+  return all(value is None or stored.get(key) == value
+             for key, value in wanted["options"].items())
+
+
+def _read_manifest(out: str) -> dict | None:
+  path = os.path.join(out, MANIFEST_FILE)
+  outputs = [dataset_lib.ITEMS_FILE, dataset_lib.USERS_FILE, dataset_lib.SUMMARY_FILE,
+             sequences.NEGATIVES_FILE]
+  if not os.path.exists(path) or not all(os.path.exists(os.path.join(out, f))
+                                         for f in outputs):
+    return None
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError:
+      return None
+
+
+def _load_prepared(out: str, dataset_name: str, max_len: int) -> dataset_lib.SequenceDataset:
+  dataset = dataset_lib.load(out, name=dataset_name)
+  summary_path = os.path.join(out, dataset_lib.SUMMARY_FILE)
+  with open(summary_path, encoding="utf-8") as f:
+    summary = json.load(f)
+  if summary.get("max_len") != max_len:  # only the summary depends on max_len
+    lengths = np.asarray([len(s) for s in dataset.sequences])
+    summary["max_len"] = max_len
+    summary["users_longer_than_max_len"] = int(np.sum(lengths - 1 > max_len))
+    dataset_lib.write_json_atomic(summary_path, summary)
+  return dataset
+
+
 def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
-                    core: int = 5, max_len: int = 50, skip_bad_lines: bool = False,
-                    seed: int = 0, num_negatives: int = 100, release: str | None = None,
-                    category: str | None = None,
+                    core: int | None = None, max_len: int = 50, skip_bad_lines: bool = False,
+                    seed: int | None = None, num_negatives: int | None = None,
+                    release: str | None = None, category: str | None = None,
                     synthetic_config: synthetic.SyntheticConfig | None = None,
                     force: bool = False) -> dataset_lib.SequenceDataset:
   """Prepares `dataset_name` into `<workdir>/data/`, or loads it if already prepared.
 
+  The folder is reused when its manifest records the same dataset, the same input files
+  (path, size, modification time; for 'synthetic' the generator settings) and the same
+  options. An option left at None accepts whatever the existing preparation used, and
+  takes its default when there is none: so every stage of a run (training, teacher, ...)
+  calling with defaults reads the same data that experiments/prepare_data.py wrote.
+  `max_len` and `skip_bad_lines` never force a rebuild: max_len only changes the summary,
+  and a folder prepared with skipped lines stays valid.
+
   Args:
     dataset_name: 'ml-100k' (data_dir defaults to the set-up's cache), 'amazon' (data_dir
       holds one category's files) or 'synthetic' (generated into <workdir>/raw/).
-    data_dir: the source folder (ignored for 'synthetic').
+    data_dir: the source folder (ignored for 'synthetic'). May be None for a workdir
+      that is already prepared.
     workdir: the run folder.
-    core: k of the k-core filter (0 or 1: no item filter; users keep >= 3).
+    core: k of the k-core filter (0 or 1: no item filter; users always keep >= 3).
+      Default (None): DEFAULT_CORE[dataset_name], 0 for ml-100k (as RecBole) and 5 for
+      Amazon and synthetic.
     max_len: the model's maximum sequence length (reported in the summary).
     skip_bad_lines: count and skip malformed lines instead of failing on the first.
-    seed: seed of the stored evaluation negatives.
-    num_negatives: negatives per validation/test user.
+    seed: seed of the stored evaluation negatives (default 0).
+    num_negatives: negatives per validation/test user (default 100).
     release: Amazon release '2014'/'2018' when the folder is ambiguous (synthetic: which
       generated format to read, default 2014).
     category: Amazon category when the folder holds several.
     synthetic_config: generator settings for 'synthetic' (default SyntheticConfig()).
-    force: recompute even when the manifest matches.
+    force: recompute even when the folder matches.
   """
   if dataset_name not in DATASETS:
     raise ValueError(f"--dataset={dataset_name!r} is not one of {DATASETS}")
-  if core < 0 or max_len < 1 or num_negatives < 1:
-    raise ValueError(f"need core >= 0, max_len >= 1, num_negatives >= 1; got {core}, "
-                     f"{max_len}, {num_negatives}")
-  options = {"core": core, "max_len": max_len, "skip_bad_lines": skip_bad_lines,
-             "seed": seed, "num_negatives": num_negatives, "release": release,
-             "category": category,
+  for name, value, low in (("core", core, 0), ("max_len", max_len, 1),
+                           ("num_negatives", num_negatives, 1)):
+    if value is not None and value < low:
+      raise ValueError(f"--{name}={value} must be >= {low}")
+  requested = {"core": core, "seed": seed, "num_negatives": num_negatives,
+               "release": release, "category": category}
+  out = prepared_dir(workdir)
+  existing = None if force else _read_manifest(out)
+  options = {**requested, "skip_bad_lines": skip_bad_lines,
              "synthetic": (synthetic_config or synthetic.SyntheticConfig())
                           if dataset_name == "synthetic" else None}
-  inputs, read = _source(dataset_name, data_dir, workdir, options)
-  out = prepared_dir(workdir)
-  manifest = {"format": _FORMAT, "dataset": dataset_name,
-              "options": {k: v for k, v in options.items() if k != "synthetic"},
-              "inputs": inputs}
-  manifest = json.loads(json.dumps(manifest))  # the form it has once read back
-  manifest_path = os.path.join(out, MANIFEST_FILE)
-  outputs = [dataset_lib.ITEMS_FILE, dataset_lib.USERS_FILE, dataset_lib.SUMMARY_FILE,
-             sequences.NEGATIVES_FILE]
-  if not force and os.path.exists(manifest_path) and all(
-      os.path.exists(os.path.join(out, f)) for f in outputs):
-    with open(manifest_path, encoding="utf-8") as f:
-      if json.load(f) == manifest:
-        return dataset_lib.load(out, name=dataset_name)
+  try:
+    inputs, read = _source(dataset_name, data_dir, workdir, options)
+  except FileNotFoundError:
+    # The sources are gone or not given, but this workdir is already prepared: use it.
+    if data_dir is None and existing and _matches(
+        existing, {"dataset": dataset_name, "options": requested}, check_inputs=False):
+      return _load_prepared(out, dataset_name, max_len)
+    raise
+  wanted = json.loads(json.dumps(  # the form a manifest has once read back
+      {"format": _FORMAT, "dataset": dataset_name, "options": requested, "inputs": inputs}))
+  if existing and _matches(existing, wanted, check_inputs=True):
+    return _load_prepared(out, dataset_name, max_len)
 
+  core = DEFAULT_CORE[dataset_name] if core is None else core
+  seed = DEFAULT_SEED if seed is None else seed
+  num_negatives = DEFAULT_NUM_NEGATIVES if num_negatives is None else num_negatives
   os.makedirs(out, exist_ok=True)
+  manifest_path = os.path.join(out, MANIFEST_FILE)
   if os.path.exists(manifest_path):
-    os.remove(manifest_path)  # outputs below are about to change
+    os.remove(manifest_path)  # the outputs below are about to change
   dataset, summary = build(read(), core=core, name=dataset_name, max_len=max_len)
   negatives = sequences.sample_eval_negatives(dataset, num_negatives, seed)
   summary["negatives"] = {"per_user": num_negatives, "seed": seed,
@@ -250,7 +309,9 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
   dataset_lib.save(dataset, out)
   sequences.save_negatives(out, negatives)
   dataset_lib.write_json_atomic(os.path.join(out, dataset_lib.SUMMARY_FILE), summary)
-  dataset_lib.write_json_atomic(manifest_path, manifest)
+  wanted["options"].update(core=core, seed=seed, num_negatives=num_negatives,
+                           skip_bad_lines=skip_bad_lines)
+  dataset_lib.write_json_atomic(manifest_path, wanted)  # last: marks the folder complete
   return dataset
 
 

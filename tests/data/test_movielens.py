@@ -29,14 +29,21 @@ def test_real_movielens_100k(tmp_path):
   for ts in full.timestamps:
     assert (np.diff(ts) >= 0).all()
 
-  ds = prepare.prepare_or_load("ml-100k", None, str(tmp_path))  # default 5-core
-  summary = prepare.load_summary(str(tmp_path))
+  # The default keeps everything, as RecBole does with ml-100k.
+  ds = prepare.prepare_or_load("ml-100k", None, str(tmp_path / "default"))
+  summary = prepare.load_summary(str(tmp_path / "default"))
+  assert (ds.num_users, ds.num_items, ds.num_interactions) == (943, 1682, 100_000)
+  assert summary["core"] == 0 and summary["lines_skipped"]["total"] == 0
+  assert summary["duplicates_removed"] == 0
+  negs = sequences.load_negatives(prepare.prepared_dir(str(tmp_path / "default")))
+  assert negs["test"].shape == (943, 100)
+
+  ds = prepare.prepare_or_load("ml-100k", None, str(tmp_path / "five"), core=5)
+  summary = prepare.load_summary(str(tmp_path / "five"))
   assert summary["before_filtering"] == {"users": 943, "items": 1682, "interactions": 100_000}
   # Every user has >= 20 ratings; 5-core drops the rarely rated movies (one round).
   assert (ds.num_users, ds.num_items, ds.num_interactions) == (943, 1349, 99_287)
-  assert summary["lines_skipped"]["total"] == 0 and summary["duplicates_removed"] == 0
-  negs = sequences.load_negatives(prepare.prepared_dir(str(tmp_path)))
-  assert negs["test"].shape == (943, 100)
+  assert summary["core_rounds"] == 1
 
 
 def _write(folder, inter_lines, item_lines=("1\tA Movie\t1995\tDrama Comedy",)):

@@ -158,3 +158,39 @@ def test_missing_prepared_folder_is_explained(tmp_path):
     dataset_lib.load(str(tmp_path))
   with pytest.raises(ValueError, match="not one of"):
     prepare.prepare_or_load("netflix", None, str(tmp_path))
+
+
+def test_unset_options_reuse_the_existing_preparation(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = _config()
+  prepare.prepare_or_load("synthetic", None, workdir, synthetic_config=config, core=3,
+                          seed=7, num_negatives=50, max_len=10)
+  calls = []
+  real_build = prepare.build
+  monkeypatch.setattr(prepare, "build", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+  # Another stage with defaults (and another max_len) reads the same folder.
+  ds = prepare.prepare_or_load("synthetic", None, workdir, synthetic_config=config,
+                               max_len=30)
+  assert not calls
+  summary = prepare.load_summary(workdir)
+  assert summary["core"] == 3 and summary["negatives"]["seed"] == 7
+  assert summary["max_len"] == 30  # the summary follows max_len without a rebuild
+  lengths = np.asarray([len(s) for s in ds.sequences])
+  assert summary["users_longer_than_max_len"] == int(np.sum(lengths - 1 > 30))
+  assert sequences.load_negatives(prepare.prepared_dir(workdir))["test"].shape[1] == 50
+  # An explicit different value rebuilds.
+  prepare.prepare_or_load("synthetic", None, workdir, synthetic_config=config, core=5)
+  assert calls == [1]
+  assert prepare.load_summary(workdir)["core"] == 5
+  assert prepare.load_summary(workdir)["negatives"] == {"per_user": 100, "seed": 0,
+                                                        "file": "negatives.npz"}
+
+
+def test_prepared_amazon_folder_loads_without_the_sources(tmp_path):
+  folders = synthetic.write_amazon(str(tmp_path / "src"), _config())
+  workdir = str(tmp_path / "run")
+  ds = prepare.prepare_or_load("amazon", folders["2018"], workdir)
+  again = prepare.prepare_or_load("amazon", None, workdir)  # a later stage, no --data_dir
+  assert again.items == ds.items
+  with pytest.raises(FileNotFoundError):
+    prepare.prepare_or_load("amazon", None, str(tmp_path / "empty"))
