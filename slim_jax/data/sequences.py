@@ -109,11 +109,12 @@ def save_negatives(directory: str, negatives: dict[str, np.ndarray]) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **{k: np.asarray(v, np.int32) for k, v in negatives.items()})
   path = os.path.join(directory, NEGATIVES_FILE)
-  with open(path + ".tmp", "wb") as f:
+  tmp = dataset_lib.temporary_name(path)
+  with open(tmp, "wb") as f:
     f.write(buffer.getvalue())
     f.flush()
     os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
 
 
 def load_negatives(directory: str) -> dict[str, np.ndarray]:

@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from slim_jax.data import dataset as dataset_lib
+
 _ADJECTIVES = ("Red", "Swift", "Quiet", "Golden", "Tiny", "Grand", "Bright", "Silent", "Wild",
                "Classic", "Modern", "Rustic", "Electric", "Frozen", "Lucky", "Brave")
 _NOUNS = ("Kettle", "Quest", "Lantern", "Garden", "Racer", "Puzzle", "Blender", "Castle",
@@ -127,7 +129,7 @@ def _meta(release: str, item: int, cluster: int, config: SyntheticConfig,
 
 
 def _write_gz(path: str, lines: list[str]) -> None:
-  tmp = path + ".tmp"
+  tmp = dataset_lib.temporary_name(path)
   with open(tmp, "wb") as raw_file:
     with gzip.GzipFile(fileobj=raw_file, mode="wb", mtime=0) as gz:
       gz.write("".join(line + "\n" for line in lines).encode("utf-8"))

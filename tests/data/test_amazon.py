@@ -184,3 +184,11 @@ def test_truncated_gzip_is_reported(tmp_path):
     f.write(data[: len(data) // 2])
   with pytest.raises(ValueError, match="Games_5.json.gz: the compressed file is damaged"):
     amazon.load(folder)
+
+
+def test_python_literal_review_lines_are_accepted(tmp_path):
+  line = repr({"reviewerID": "U4", "asin": "I1", "unixReviewTime": 7, "summary": "it's ok"})
+  folder = write_category(str(tmp_path), "2014", extra_review_lines=[(0, line)])
+  data = amazon.load(folder)
+  assert len(data.log) == len(_REVIEWS) + 1
+  assert data.log.users.names[0] == "U4"

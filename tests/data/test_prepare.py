@@ -103,7 +103,7 @@ def test_prepare_or_load_writes_then_loads(tmp_path, monkeypatch):
   for name in ("items.jsonl", "users.jsonl", "data_summary.json", "negatives.npz",
                "manifest.json"):
     assert os.path.exists(os.path.join(out, name)), name
-  assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+  assert not [n for n in os.listdir(out) if ".tmp" in n]
   summary = prepare.load_summary(workdir)
   assert summary["users"] == ds.num_users == 150
   negs = sequences.load_negatives(out)
