@@ -110,8 +110,8 @@ def _review(release: str, user: int, item: int, time: int, rng) -> dict:
   return {**common, "verified": True, "vote": "1"}
 
 
-def _meta(release: str, item: int, cluster: int, config: SyntheticConfig,
-          missing_title: set, missing_brand: set) -> str:
+def _meta(release: str, item: int, cluster: int, missing_title: set,
+          missing_brand: set) -> str:
   path = ["Synthetic Goods", f"Line {cluster % 3}", f"Series {cluster}"]
   record = {"asin": _asin(item)}
   if item not in missing_title:
@@ -168,7 +168,7 @@ def write_amazon(out_dir: str, config: SyntheticConfig = SyntheticConfig()) -> d
                    '{"reviewerID": "ANOTIME", "asin": "B000000001"}']
     reviews = _insert(reviews, [bad_reviews[k % 3] for k in range(config.bad_review_lines)],
                       release_rng)
-    metas = [_meta(release, i, int(cluster_of[i]), config, missing_title, missing_brand)
+    metas = [_meta(release, i, int(cluster_of[i]), missing_title, missing_brand)
              for i in range(config.num_items) if i not in no_meta]
     bad_metas = ["{'title': 'no closing brace'", "[1, 2, 3]", "{'title': 'no asin'}"]
     metas = _insert(metas, [bad_metas[k % 3] for k in range(config.bad_meta_lines)],
