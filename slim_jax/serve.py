@@ -460,7 +460,7 @@ def _make_handler(server: ChatServer):
     def _post(self) -> None:
       path = self.path.split("?")[0].rstrip("/")
       if path != "/v1/chat/completions":
-        self._read_json() if self.headers.get("Content-Length") else None
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep the stream in step
         raise APIError(404, f"unknown path {path}; POST /v1/chat/completions",
                        code="unknown_url")
       body = self._read_json()
