@@ -16,6 +16,7 @@ one fsynced line per user. A rerun asks only for the users not yet in the file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -59,7 +60,19 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer for --dry_run counts: a Huggin
 OUT_FILE = os.path.join("rationales", "teacher.jsonl")
 MANIFEST_FILE = os.path.join("rationales", "teacher_manifest.json")
 SUMMARY_FILE = os.path.join("rationales", "teacher_summary.json")
+LOCK_FILE = os.path.join("rationales", "teacher.lock")
 API_KEY_ENV = "OPENAI_API_KEY"
+
+
+def hold_lock(path: str):
+  """An exclusive lock on the run's rationale file: two runs must not ask for the same users."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  handle = open(path, "w")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    sys.exit(f"another teacher run holds {path}; wait for it to finish or stop it first")
+  return handle
 
 
 def parse_price(text: str) -> tuple[float, float]:
@@ -216,6 +229,11 @@ def main(argv):
     raise app.UsageError(f"set {API_KEY_ENV} to call OpenAI, or point --teacher_base_url at "
                          "a local OpenAI-compatible server")
   out = os.path.join(FLAGS.workdir, OUT_FILE)
+  lock = hold_lock(os.path.join(FLAGS.workdir, LOCK_FILE))  # noqa: F841 (held until exit)
+  removed = rationales.dedupe(out) if os.path.exists(out) else 0
+  if removed:
+    logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
+                    out, removed)
   check_resume(FLAGS.workdir, manifest(config, template), requests)
   logging.info("asking %s for %d users (%d requested, seed %d)",
                FLAGS.teacher_base_url or "OpenAI", len(requests), FLAGS.num_users, FLAGS.seed)

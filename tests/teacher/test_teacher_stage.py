@@ -114,10 +114,39 @@ def test_key_never_appears_in_files_or_output(workdir, tmp_path):
   assert SECRET not in outputs and SECRET[8:30] not in outputs
   written = [p for p in run.rglob("*") if p.is_file() and "data" not in p.relative_to(run).parts
              and "raw" not in p.relative_to(run).parts]
-  assert {p.name for p in written} >= {"teacher.jsonl", "teacher_manifest.json",
-                                      "teacher_summary.json"}
+  assert {p.name for p in written} == {"teacher.jsonl", "teacher_manifest.json",
+                                      "teacher_summary.json", "teacher.lock"}
   for path in written:
     assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(workdir, tmp_path):
+  run = fresh_workdir(workdir, tmp_path)
+  with FaultServer(lambda key, attempt: "slow", slow_seconds=0.2) as server:
+    first = run_stage(run, server.base_url, "--num_users=20", "--concurrency=1", wait=False)
+    out = run / "rationales" / "teacher.jsonl"
+    while not (out.exists() and lines(run)):
+      assert first.poll() is None, first.communicate()
+      time.sleep(0.02)
+    second = run_stage(run, server.base_url, "--num_users=20")
+    first.kill()
+    first.communicate()
+  assert second.returncode == 1 and "another teacher run holds" in second.stderr
+
+
+def test_duplicate_lines_are_dropped_before_resuming(workdir, tmp_path):
+  run = fresh_workdir(workdir, tmp_path)
+  with FaultServer() as server:
+    assert run_stage(run, server.base_url, "--num_users=4").returncode == 0
+    out = run / "rationales" / "teacher.jsonl"
+    first_line = out.read_text().splitlines()[0]
+    with open(out, "a", encoding="utf-8") as f:
+      f.write(first_line + "\n")  # as a crashed copy/merge might leave it
+    result = run_stage(run, server.base_url, "--num_users=4")
+    assert result.returncode == 0 and len(server.log) == 4
+  assert "dropped 1 duplicate" in result.stderr
+  assert sorted(r["user_id"] for r in lines(run)) == sorted({r["user_id"] for r in lines(run)})
+  assert len(lines(run)) == 4
 
 
 def test_dry_run_calls_nothing(workdir, tmp_path):
