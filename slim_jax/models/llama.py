@@ -1,0 +1,402 @@
+"""The LLaMA decoder (the SLIM student) in Flax linen, and one call to load it.
+
+The parameter tree mirrors Hugging Face's names with unrolled layers, so a conversion or a
+PEFT adapter maps one key to one key:
+
+  embed_tokens/embedding [V, D]
+  layers_{i}/input_layernorm/scale [D]
+  layers_{i}/self_attn/{q,k,v,o}_proj/kernel  [D, N*H], [D, K*H], [D, K*H], [N*H, D]
+  layers_{i}/post_attention_layernorm/scale [D]
+  layers_{i}/mlp/{gate,up,down}_proj/kernel  [D, F], [D, F], [F, D]
+  norm/scale [D]
+  lm_head/kernel [D, V]  (absent when the head is tied to the embedding)
+
+Every dense layer is `layers.Linear`, so a `lora` variable collection next to a kernel
+adapts it. Rotary embeddings use Hugging Face's `rotate_half` layout (q/k weights need only a
+transpose), with the `rope_scaling` of the LLaMA 2 and 3 families (none, linear, llama3).
+
+`Llama.__call__` has two modes:
+  * full sequence: `apply(v, ids [B, T], attention_mask=[B, T])` -> logits [B, T, V] float32;
+    positions default to `cumsum(mask) - 1`, so left and right padding give the same logits
+    on the real tokens as an unpadded row.
+  * KV cache: `apply(v, ids [B, T], attention_mask=[B, S], positions=[B, T], cache=...,
+    cache_index=i)` writes the T new keys/values at cache slots i..i+T-1 and attends over
+    the S slots that the mask allows and causality permits; returns (logits, new_cache).
+    `init_cache` builds the empty cache; slim_jax/generate.py drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from slim_jax.models.layers import Linear
+
+Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S, K, H]
+
+_ROPE_TYPES = ("linear", "llama3")
+
+
+def _dtype_name(x) -> str:
+  return jnp.dtype(x).name
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a LLaMA-family decoder (names as in transformers' LlamaConfig)."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: dict | None = None  # None, {"rope_type": "linear", "factor"}, or llama3's
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+  dtype: Any = "float32"  # compute dtype name (a jnp dtype is accepted and turned into its name)
+  param_dtype: Any = "float32"
+  remat: bool = False  # rematerialise each layer in the backward pass
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+    set_("dtype", _dtype_name(self.dtype))
+    set_("param_dtype", _dtype_name(self.param_dtype))
+    if self.head_dim is None:
+      set_("head_dim", self.hidden_size // self.num_attention_heads)
+    if isinstance(self.eos_token_id, list):
+      set_("eos_token_id", tuple(self.eos_token_id))
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                       f"num_key_value_heads={self.num_key_value_heads}")
+    if self.rope_scaling is not None:
+      kind = self.rope_scaling.get("rope_type")
+      if kind not in _ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; expected one of "
+                         f"{_ROPE_TYPES} (or no scaling)")
+
+  def __hash__(self):
+    return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    if isinstance(self.eos_token_id, int):
+      return (self.eos_token_id,)
+    return tuple(self.eos_token_id)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "LlamaConfig":
+    """A two-layer model with GQA for fast tests."""
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    return cls(**fields)
+
+  @classmethod
+  def from_hf_config(cls, hf_config, **overrides) -> "LlamaConfig":
+    """From a transformers config object or its dict (config.json), old or new rope keys."""
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    model_type = d.get("model_type")
+    architectures = d.get("architectures") or []
+    if model_type != "llama" and "LlamaForCausalLM" not in architectures:
+      raise ValueError(f"not a LLaMA config: model_type={model_type!r}, architectures="
+                       f"{architectures}; this loader reads LlamaForCausalLM checkpoints only")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+      if d.get(key, ok) != ok:
+        raise ValueError(f"config {key}={d[key]!r} is not supported (expected {ok!r})")
+    rope = dict(d.get("rope_parameters") or {})  # transformers 5
+    theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+    if not rope and d.get("rope_scaling"):  # transformers 4
+      rope = dict(d["rope_scaling"])
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    scaling = None if kind == "default" else {"rope_type": kind, **rope}
+    fields = dict(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), rope_scaling=scaling,
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"))
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf_config(self):
+    """The matching transformers.LlamaConfig."""
+    import transformers  # pylint: disable=import-outside-toplevel
+    rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+    if self.rope_scaling:
+      rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
+    eos = self.eos_token_id if not isinstance(self.eos_token_id, tuple) else list(
+        self.eos_token_id)
+    return transformers.LlamaConfig(
+        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+        num_attention_heads=self.num_attention_heads,
+        num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+        rms_norm_eps=self.rms_norm_eps, rope_parameters=rope,
+        max_position_embeddings=self.max_position_embeddings,
+        tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+        eos_token_id=eos, pad_token_id=self.pad_token_id, hidden_act="silu",
+        architectures=["LlamaForCausalLM"])
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] in float32, computed as transformers does (incl. scaling)."""
+  h = config.head_dim
+  inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32)
+                                                  / np.float32(h)))).astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv
+  factor = np.float32(scaling["factor"])
+  if scaling["rope_type"] == "linear":
+    return (inv / factor).astype(np.float32)
+  # llama3: long wavelengths divided by `factor`, short kept, a smooth blend in between.
+  old = np.float32(scaling["original_max_position_embeddings"])
+  low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+  wavelen = np.float32(2 * np.pi) / inv
+  scaled = np.where(wavelen > old / low, inv / factor, inv)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H] for integer positions [B, T] (rotate_half layout)."""
+  freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, N, H] rotated by position; cos/sin [B, T, H]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class _Block(nn.Module):
+  """Common fields of the sub-modules: config, LoRA settings, dropout mode."""
+
+  config: LlamaConfig
+  lora_scale: float = 1.0
+  lora_dropout: float = 0.0
+  deterministic: bool = True
+
+  def dense(self, features: int, axes: tuple[str, str], name: str):
+    cfg = self.config
+    linear = Linear(features, axes=axes, dtype=jnp.dtype(cfg.dtype),
+                    param_dtype=jnp.dtype(cfg.param_dtype), lora_scale=self.lora_scale,
+                    lora_dropout=self.lora_dropout, name=name)
+    return lambda x: linear(x, deterministic=self.deterministic)
+
+
+class Attention(_Block):
+  """Grouped-query attention with RoPE and an optional KV cache."""
+
+  @nn.compact
+  def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None):
+    """x [B, T, D]; allowed [B, T, S] bool; cache (k, v) [B, S, K, H] or None."""
+    cfg = self.config
+    b, t, _ = x.shape
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = self.dense(n * h, ("embed", "heads"), "q_proj")(x).reshape(b, t, n, h)
+    key = self.dense(k * h, ("embed", "kv_heads"), "k_proj")(x).reshape(b, t, k, h)
+    value = self.dense(k * h, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, k, h)
+    q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+    new_cache = None
+    if cache is not None:
+      cache_k, cache_v = cache
+      start = (0, cache_index, 0, 0)
+      key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), start)
+      value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), start)
+      new_cache = (key, value)  # [B, S, K, H]
+    q = q.reshape(b, t, k, n // k, h)  # head n uses kv head n // (N/K), as repeat_kv does
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / np.sqrt(h)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(q.dtype)).reshape(b, t, n * h)
+    return self.dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out), new_cache
+
+
+class Mlp(_Block):
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    gate = self.dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = self.dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    return self.dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(_Block):
+
+  @nn.compact
+  def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None):
+    cfg = self.config
+    kw = dict(config=cfg, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+              deterministic=self.deterministic)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype),  # noqa: E731
+                                jnp.dtype(cfg.param_dtype), name=name)
+    attn, new_cache = Attention(**kw, name="self_attn")(norm("input_layernorm")(x), cos, sin,
+                                                        allowed, cache, cache_index)
+    x = x + attn
+    x = x + Mlp(**kw, name="mlp")(norm("post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, new_cache
+
+
+class Llama(nn.Module):
+  """LlamaForCausalLM. See the module docstring for the two calling modes."""
+
+  config: LlamaConfig
+  lora_scale: float = 1.0
+  lora_dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
+               cache: Cache | None = None, cache_index=None, last_only: bool = False):
+    """Logits [B, T, V] float32 (or [B, 1, V] with last_only); with a cache, also the new one.
+
+    input_ids [B, T]; attention_mask [B, T] (no cache) or [B, S] over cache slots (cache);
+    positions [B, T] (required with a cache); cache_index: first cache slot to write.
+    """
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t = input_ids.shape
+    if cache is None:
+      mask = (jnp.ones((b, t), bool) if attention_mask is None
+              else jnp.asarray(attention_mask).astype(bool))
+      if positions is None:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      allowed = mask[:, None, :] & causal[None]  # [B, T, T]
+    else:
+      if positions is None or attention_mask is None or cache_index is None:
+        raise ValueError("with a cache, pass positions [B, T], attention_mask [B, S] over "
+                         "the cache slots and cache_index")
+      s = cache[0][0].shape[1]
+      slot = jnp.arange(s)[None, :]  # [1, S]
+      query_slot = cache_index + jnp.arange(t)[:, None]  # [T, 1]
+      allowed = jnp.asarray(attention_mask).astype(bool)[:, None, :] & (slot <= query_slot)[None]
+    cos, sin = rope_cos_sin(cfg, positions)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
+                     name="embed_tokens")
+    x = embed(input_ids)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    new_cache = []
+    for i in range(cfg.num_hidden_layers):
+      layer = layer_cls(cfg, self.lora_scale, self.lora_dropout, deterministic,
+                        name=f"layers_{i}")
+      x, layer_cache = layer(x, cos, sin, allowed, None if cache is None else cache[i],
+                             cache_index)
+      new_cache.append(layer_cache)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
+    if last_only:
+      x = x[:, -1:]
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Linear(cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
+                      param_dtype=param_dtype, lora_scale=self.lora_scale,
+                      lora_dropout=self.lora_dropout, name="lm_head")(x, deterministic)
+    logits = logits.astype(jnp.float32)  # [B, T, V]
+    if cache is None:
+      return logits
+    return logits, tuple(new_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:
+  """An empty KV cache: per layer (k, v) zeros [B, S, K, H]."""
+  shape = (batch, length, config.num_key_value_heads, config.head_dim)
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+               for _ in range(config.num_hidden_layers))
+
+
+def param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{flax path: shape} of every parameter, computed without allocating them."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  abstract = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  flat = traverse_util.flatten_dict(nn.unbox(abstract)["params"])
+  return {path: tuple(x.shape) for path, x in flat.items()}
+
+
+def param_partition_specs(config: LlamaConfig):
+  """Logical PartitionSpecs of the parameter tree (for slim_jax.sharding)."""
+  abstract = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  return nn.get_partition_spec(abstract)["params"]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_pretrained(path: str, param_dtype=None) -> tuple[LlamaConfig, dict, Any]:
+  """(config, params, tokenizer) from a Hugging Face LLaMA folder or a .gguf file.
+
+  Strict: every checkpoint tensor is used and every shape checked. The tokenizer is None for
+  a folder without tokenizer files. `param_dtype` (e.g. "bfloat16") keeps weights in that
+  dtype instead of float32 (halves memory for a 7B model).
+  """
+  from slim_jax.convert import gguf_llama, llama_hf  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: give a Hugging Face LLaMA folder "
+                            "(config.json + safetensors) or a .gguf file")
+  if os.path.isdir(path):
+    return llama_hf.load_folder(path, param_dtype=param_dtype)
+  if path.endswith(".gguf") or gguf_llama.is_gguf(path):
+    return gguf_llama.load_gguf(path, param_dtype=param_dtype)
+  raise ValueError(f"{path} is neither a folder nor a .gguf file")
+
+
+def save_pretrained(config: LlamaConfig, params: Mapping, path: str, tokenizer=None,
+                    max_shard_bytes: int = 5 * 2 ** 30) -> None:
+  """Writes a Hugging Face folder (config.json, safetensors, tokenizer) transformers loads."""
+  from slim_jax.convert import llama_hf  # pylint: disable=import-outside-toplevel
+  llama_hf.save_folder(config, params, path, tokenizer=tokenizer,
+                       max_shard_bytes=max_shard_bytes)

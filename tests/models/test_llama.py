@@ -1,0 +1,204 @@
+"""Flax LLaMA vs transformers' PyTorch LlamaForCausalLM on tiny random models (float32, CPU).
+
+Each case builds a random HF model, saves it as a Hugging Face folder, loads it with
+`llama.load_pretrained` and compares logits on left-padded batches; plus KV-cache decoding
+against full recomputation, the parameter tree contract, bfloat16 and remat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from slim_jax.models import llama
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def make_hf(tmp_path, kv_heads=2, tied=False, rope_scaling=None, seed=0):
+  """A random tiny LlamaForCausalLM saved to tmp_path; returns (folder, torch model)."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  rope = {"rope_type": "default", "rope_theta": 500.0}
+  if rope_scaling:
+    rope = {**rope_scaling, "rope_theta": 500.0}
+  config = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+      tie_word_embeddings=tied, rope_parameters=rope, rms_norm_eps=1e-5)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # norms away from 1, so that their parity is tested
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+  model.save_pretrained(tmp_path)
+  return str(tmp_path), model
+
+
+def left_padded_batch(vocab=97, lengths=(11, 7, 3, 11), seed=0):
+  rng = np.random.default_rng(seed)
+  t = max(lengths)
+  ids = rng.integers(0, vocab, (len(lengths), t)).astype(np.int32)
+  mask = np.zeros((len(lengths), t), np.int32)
+  for row, n in enumerate(lengths):
+    mask[row, t - n:] = 1
+  return ids, mask
+
+
+def hf_logits(model, ids, mask):
+  """HF logits with the positions HF generate uses for left padding (cumsum - 1)."""
+  import torch
+  positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long(),
+                position_ids=torch.from_numpy(positions).long())
+  return out.logits.numpy()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("rope", ["none", "llama3"])
+def test_logits_match_transformers(tmp_path, kv_heads, tied, rope):
+  folder, model = make_hf(tmp_path, kv_heads, tied, LLAMA3_ROPE if rope == "llama3" else None)
+  config, params, tokenizer = llama.load_pretrained(folder)
+  assert tokenizer is None and config.tie_word_embeddings == tied
+  assert ("lm_head" in params) == (not tied)
+  ids, mask = left_padded_batch()
+  ours = np.asarray(llama.Llama(config).apply({"params": params}, ids, attention_mask=mask))
+  theirs = hf_logits(model, ids, mask)
+  valid = mask.astype(bool)
+  diff = np.abs(ours - theirs)[valid].max()
+  print(f"kv_heads={kv_heads} tied={tied} rope={rope}: max |diff| = {diff:.2e}")
+  assert diff <= 1e-4
+  assert np.isfinite(ours).all()
+
+
+def test_padding_does_not_change_real_token_logits(tmp_path):
+  folder, _ = make_hf(tmp_path)
+  config, params, _ = llama.load_pretrained(folder)
+  ids, mask = left_padded_batch(lengths=(11, 5))
+  model = llama.Llama(config)
+  padded = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
+  alone = np.asarray(model.apply({"params": params}, ids[1:, -5:]))
+  np.testing.assert_allclose(padded[1, -5:], alone[0], atol=1e-5)
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path):
+  folder, model = make_hf(tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0})
+  config, params, _ = llama.load_pretrained(folder)
+  assert config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+  ids, mask = left_padded_batch()
+  ours = np.asarray(llama.Llama(config).apply({"params": params}, ids, attention_mask=mask))
+  assert np.abs(ours - hf_logits(model, ids, mask))[mask.astype(bool)].max() <= 1e-4
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+  config = llama.LlamaConfig.tiny(vocab_size=61, num_key_value_heads=1)
+  model = llama.Llama(config)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  ids, mask = left_padded_batch(vocab=61, lengths=(9, 4, 6))
+  b, p = ids.shape
+  steps, s = 5, 24
+  rng = np.random.default_rng(1)
+  new = rng.integers(0, 61, (b, steps)).astype(np.int32)
+  full_ids = np.concatenate([ids, new], axis=1)
+  full_mask = np.concatenate([mask, np.ones((b, steps), np.int32)], axis=1)
+  full = np.asarray(model.apply({"params": params}, full_ids, attention_mask=full_mask))
+
+  cache = llama.init_cache(config, b, s)
+  cache_mask = np.zeros((b, s), bool)
+  cache_mask[:, :p] = mask
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  logits, cache = model.apply({"params": params}, ids, attention_mask=cache_mask,
+                              positions=positions, cache=cache, cache_index=0)
+  got = [np.asarray(logits)]
+  next_pos = mask.sum(-1)
+  for step in range(steps):
+    cache_mask[:, p + step] = True
+    logits, cache = model.apply({"params": params}, new[:, step:step + 1],
+                                attention_mask=cache_mask, positions=next_pos[:, None] + step,
+                                cache=cache, cache_index=p + step)
+    got.append(np.asarray(logits))
+  got = np.concatenate(got, axis=1)
+  valid = full_mask.astype(bool)
+  np.testing.assert_allclose(got[valid], full[valid], atol=1e-5)
+  last, _ = model.apply({"params": params}, ids, attention_mask=np.pad(mask, ((0, 0), (0, 4))),
+                        positions=positions, cache=llama.init_cache(config, b, p + 4),
+                        cache_index=0, last_only=True)
+  np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, p - 1], atol=1e-5)
+
+
+def test_parameter_tree_names_shapes_and_axes():
+  config = llama.LlamaConfig.tiny(num_hidden_layers=3)
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  nh, kh = config.num_attention_heads * config.head_dim, config.num_key_value_heads * \
+      config.head_dim
+  shapes = llama.param_shapes(config)
+  want = {("embed_tokens", "embedding"): (v, d), ("norm", "scale"): (d,),
+          ("lm_head", "kernel"): (d, v)}
+  for i in range(3):
+    want.update({
+        (f"layers_{i}", "input_layernorm", "scale"): (d,),
+        (f"layers_{i}", "post_attention_layernorm", "scale"): (d,),
+        (f"layers_{i}", "self_attn", "q_proj", "kernel"): (d, nh),
+        (f"layers_{i}", "self_attn", "k_proj", "kernel"): (d, kh),
+        (f"layers_{i}", "self_attn", "v_proj", "kernel"): (d, kh),
+        (f"layers_{i}", "self_attn", "o_proj", "kernel"): (nh, d),
+        (f"layers_{i}", "mlp", "gate_proj", "kernel"): (d, f),
+        (f"layers_{i}", "mlp", "up_proj", "kernel"): (d, f),
+        (f"layers_{i}", "mlp", "down_proj", "kernel"): (f, d)})
+  assert shapes == want
+  specs = llama.param_partition_specs(config)
+  assert tuple(specs["embed_tokens"]["embedding"]) == ("vocab", "embed")
+  assert tuple(specs["layers_1"]["self_attn"]["k_proj"]["kernel"]) == ("embed", "kv_heads")
+  assert tuple(specs["layers_1"]["mlp"]["down_proj"]["kernel"]) == ("mlp", "embed")
+  assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
+  tied = llama.param_shapes(dataclasses.replace(config, tie_word_embeddings=True))
+  assert ("lm_head", "kernel") not in tied
+
+
+def test_config_round_trips_through_transformers():
+  config = llama.LlamaConfig.tiny(rope_scaling=dict(LLAMA3_ROPE), max_position_embeddings=64,
+                                  eos_token_id=(2, 3), tie_word_embeddings=True)
+  back = llama.LlamaConfig.from_hf_config(config.to_hf_config())
+  assert back == config
+  assert hash(back) == hash(config)
+  assert llama.LlamaConfig.from_hf_config(  # transformers 4 style keys
+      {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+       "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5.0,
+       "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling == {
+           "rope_type": "linear", "factor": 2.0}
+  assert dataclasses.replace(config, dtype=jnp.bfloat16).dtype == "bfloat16"
+  with pytest.raises(ValueError, match="not a LLaMA config"):
+    llama.LlamaConfig.from_hf_config({"model_type": "bert", "vocab_size": 10})
+  with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+    llama.LlamaConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_bfloat16_and_remat_run_and_stay_close():
+  config = llama.LlamaConfig.tiny()
+  ids, mask = left_padded_batch(vocab=config.vocab_size)
+  params = nn.unbox(llama.Llama(config).init(jax.random.key(0), ids))["params"]
+  ref = np.asarray(llama.Llama(config).apply({"params": params}, ids, attention_mask=mask))
+  bf16 = dataclasses.replace(config, dtype="bfloat16")
+  low = llama.Llama(bf16).apply({"params": params}, ids, attention_mask=mask)
+  assert low.dtype == jnp.float32
+  valid = mask.astype(bool)
+  assert np.abs(np.asarray(low) - ref)[valid].max() < 0.05
+
+  remat = llama.Llama(dataclasses.replace(config, remat=True))
+
+  def loss(p, model):
+    return jnp.mean(model.apply({"params": p}, ids, attention_mask=mask) ** 2)
+
+  g_ref = jax.grad(loss)(params, llama.Llama(config))
+  g_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_ref, g_remat)
