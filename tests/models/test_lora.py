@@ -156,3 +156,103 @@ def test_peft_export_import_round_trip(tmp_path):
   assert config["layers_to_transform"] == [0]
   with pytest.raises(FileNotFoundError, match="adapter_config.json"):
     lora.load_peft(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with Hugging Face PEFT on a tiny random LlamaForCausalLM.
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+      rope_theta=10000.0, max_position_embeddings=64)
+  model = transformers.LlamaForCausalLM(config).eval()
+  folder = str(tmp_path_factory.mktemp("tiny_llama"))
+  model.save_pretrained(folder)
+  return folder
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 128, (2, 10)).astype(np.int32)
+  mask = np.ones((2, 10), np.int32)
+  mask[1, 7:] = 0  # right padding in the second row
+  return ids, mask
+
+
+def _hf_logits(model, ids, mask):
+  import torch
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long())
+  return out.logits.numpy()
+
+
+def _random_adapter(params, spec, seed):
+  """Random a and b (b != 0, so that the adapter changes the output)."""
+  adapter = lora.init_lora(params, spec, jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten(adapter)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(treedef, [np.asarray(0.2 * jax.random.normal(k, x.shape))
+                                      for k, x in zip(keys, leaves)])
+
+
+def test_peft_export_loads_in_peft_with_same_logits(tiny_hf, tmp_path):
+  import peft
+  import transformers
+  from slim_jax.models import llama
+  cfg, params, _ = llama.load_pretrained(tiny_hf)
+  spec = lora.LoraSpec(rank=4, alpha=8.0, targets=lora.ATTENTION_TARGETS + lora.MLP_TARGETS)
+  adapter = _random_adapter(params, spec, seed=3)
+  ids, mask = _inputs()
+  ours = np.asarray(llama.Llama(cfg, lora_scale=spec.scale).apply(
+      {"params": params, "lora": adapter}, ids, attention_mask=mask))
+  base = np.asarray(llama.Llama(cfg).apply({"params": params}, ids, attention_mask=mask))
+
+  lora.save_peft(str(tmp_path), adapter, spec, base_model_name_or_path=tiny_hf,
+                 num_layers=cfg.num_hidden_layers)
+  hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf).eval()
+  hf_base = _hf_logits(hf, ids, mask)
+  peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+  theirs = _hf_logits(peft_model, ids, mask)
+  valid = mask.astype(bool)
+  diff = np.abs(ours - theirs)[valid].max()
+  print(f"max |ours - PEFT| = {diff:.2e}; adapter effect {np.abs(ours - base)[valid].max():.3f}")
+  assert diff <= 1e-4
+  assert np.abs(ours - base)[valid].max() > 1e-2  # the adapter does something
+  assert np.abs(hf_base - base)[valid].max() <= 1e-4
+  merged = lora.merge(params, adapter, spec.scale)
+  np.testing.assert_allclose(
+      llama.Llama(cfg).apply({"params": merged}, ids, attention_mask=mask)[valid],
+      ours[valid], atol=1e-4)
+
+
+def test_load_peft_reads_an_adapter_peft_wrote(tiny_hf, tmp_path):
+  import peft
+  import torch
+  import transformers
+  from slim_jax.models import llama
+  hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf).eval()
+  config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+                           lora_dropout=0.0, task_type="CAUSAL_LM")
+  model = peft.get_peft_model(hf, config)
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.normal_(0, 0.2)
+  model.save_pretrained(str(tmp_path))
+  adapter, spec = lora.load_peft(str(tmp_path))
+  assert spec.rank == 4 and spec.scale == 3.0
+  assert set(adapter["layers_1"]) == {"self_attn", "mlp"}
+  cfg, params, _ = llama.load_pretrained(tiny_hf)
+  ids, mask = _inputs()
+  ours = np.asarray(llama.Llama(cfg, lora_scale=spec.scale).apply(
+      {"params": params, "lora": adapter}, ids, attention_mask=mask))
+  theirs = _hf_logits(model.eval(), ids, mask)
+  valid = mask.astype(bool)
+  assert np.abs(ours - theirs)[valid].max() <= 1e-4

