@@ -166,7 +166,7 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
   return ChatRequest(
       messages=clean, max_tokens=max_tokens,
       temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-      top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
+      top_p=max(float(_number(body, "top_p", 1.0, 0.0, 1.0)), 1e-6),  # 0: the top token
       top_k=int(_number(body, "top_k", 0, 0, 1 << 30, integer=True)),
       stop=stop, n=int(_number(body, "n", 1, 1, 128, integer=True)), seed=seed,
       stream=stream, include_usage=bool(options.get("include_usage", False)))

