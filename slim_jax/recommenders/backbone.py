@@ -84,16 +84,15 @@ class BackboneSpec:
   # Defaults from RecBole 1.2.1's yaml files where the experiment leaves a size unset.
   default_num_layers: int
   default_dropout: float
-  all_positions_cost: str  # 'free' (causal model) or 'per_prefix' (one graph per prefix)
 
 
 def _registry() -> dict[str, BackboneSpec]:
   # Imported here: the model files import helpers from this module.
   from slim_jax.recommenders import gru4rec, sasrec, srgnn
   return {
-      "gru4rec": BackboneSpec(gru4rec.GRU4RecConfig, gru4rec.GRU4Rec, 1, 0.3, "free"),
-      "sasrec": BackboneSpec(sasrec.SASRecConfig, sasrec.SASRec, 2, 0.5, "free"),
-      "srgnn": BackboneSpec(srgnn.SRGNNConfig, srgnn.SRGNN, 1, 0.0, "per_prefix"),
+      "gru4rec": BackboneSpec(gru4rec.GRU4RecConfig, gru4rec.GRU4Rec, 1, 0.3),
+      "sasrec": BackboneSpec(sasrec.SASRecConfig, sasrec.SASRec, 2, 0.5),
+      "srgnn": BackboneSpec(srgnn.SRGNNConfig, srgnn.SRGNN, 1, 0.0),
   }
 
 
