@@ -1,0 +1,354 @@
+"""Batched text generation with the Flax LLaMA: left padding, a preallocated KV cache, a
+jitted prefill and a jitted chunk of decode steps driven from Python.
+
+Shapes are bucketed so few programs compile: the batch is padded to a power of two (up to
+`max_batch_size`), the prompt length and the cache length to the next size of the series
+16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them). One prefill program per
+(batch, prompt, cache) bucket and one decode program per (batch, cache) bucket; decoding
+never recompiles per step. Prompts are left-padded, so every row writes its new token to
+the same cache slot; positions count real tokens only (`cumsum(mask) - 1`), so a padded
+row computes what it would alone.
+
+Sampling parameters are per row (a server batches different requests): greedy where
+temperature is 0, else temperature, top-k and top-p, each row with its own seeded key
+(`fold_in(key(seed), step)`), so a row's tokens do not depend on its batch neighbours.
+Rows stop on EOS (on device) and on stop strings or `max_new_tokens` (on the host, between
+chunks). The callback receives text as it is produced: the concatenation of what it gets
+for a row equals that row's final `Completion.text`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slim_jax.models import llama
+
+DECODE_CHUNK = 8  # decode steps per jitted call: the streaming granularity
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int = 256
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0
+  stop: tuple[str, ...] = ()
+  seed: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.stop, str):
+      object.__setattr__(self, "stop", (self.stop,))
+    elif not isinstance(self.stop, tuple):
+      object.__setattr__(self, "stop", tuple(self.stop or ()))
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class Completion:
+  text: str
+  token_ids: list[int]
+  prompt_tokens: int
+  completion_tokens: int
+  finish_reason: str  # "stop" | "length"
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest size >= n in 16, 24, 32, 48, 64, 96, 128, ... (2^k and 1.5 * 2^k)."""
+  size = minimum
+  while True:
+    if n <= size:
+      return size
+    if n <= size * 3 // 2:
+      return size * 3 // 2
+    size *= 2
+
+
+def batch_bucket(n: int, max_batch_size: int) -> int:
+  return min(1 << max(0, (n - 1).bit_length()), max_batch_size)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+  """Next tokens [B] from logits [B, V], per-row temperature/top-k/top-p (0 temp = argmax)."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def stochastic(_):
+    v = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
+    ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    keep = (before < top_p[:, None]) & (ordered > -jnp.inf)
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)
+
+
+# ----------------------------------------------------------------------------- programs
+
+def _next_tokens(eos_ids, pad_id, logits, state):
+  """Samples each row's next token from logits [B, V]; updates counts and done flags."""
+  keys = jax.vmap(jax.random.fold_in)(state["keys"], state["generated"])
+  token = sample(logits, keys, state["temperature"], state["top_k"], state["top_p"])
+  token = jnp.where(state["done"], pad_id, token)
+  is_eos = jnp.any(token[:, None] == jnp.asarray(eos_ids, jnp.int32)[None], axis=-1)
+  generated = state["generated"] + jnp.where(state["done"], 0, 1)
+  done = state["done"] | is_eos | (generated >= state["max_new"])
+  return dict(state, generated=generated, done=done, token=token)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _prefill(model, eos_ids, pad_id, cache_len: int, variables, inputs):
+  """Runs the prompts [B, P] through the model, filling slots 0..P-1; samples token 1."""
+  ids, mask = inputs["ids"], inputs["mask"]
+  b, p = ids.shape
+  cache = llama.init_cache(model.config, b, cache_len, jnp.dtype(model.config.dtype))
+  cache_mask = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  logits, cache = model.apply(variables, ids, attention_mask=cache_mask, positions=positions,
+                              cache=cache, cache_index=0, last_only=True)
+  state = dict(cache=cache, cache_mask=cache_mask, index=jnp.asarray(p, jnp.int32),
+               position=jnp.sum(mask, axis=-1).astype(jnp.int32),
+               generated=jnp.zeros((b,), jnp.int32), done=inputs["done"],
+               keys=inputs["keys"], temperature=inputs["temperature"], top_k=inputs["top_k"],
+               top_p=inputs["top_p"], max_new=inputs["max_new"])
+  return _next_tokens(eos_ids, pad_id, logits[:, 0], state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _decode(model, eos_ids, pad_id, steps: int, variables, state):
+  """`steps` decode steps; returns (state, tokens [B, steps], done after each [B, steps])."""
+
+  def step(state, _):
+    b = state["token"].shape[0]
+    index = state["index"]
+    cache_mask = jax.lax.dynamic_update_slice(state["cache_mask"], jnp.ones((b, 1), bool),
+                                              (0, index))
+    logits, cache = model.apply(variables, state["token"][:, None], attention_mask=cache_mask,
+                                positions=state["position"][:, None], cache=state["cache"],
+                                cache_index=index)
+    state = dict(state, cache=cache, cache_mask=cache_mask, index=index + 1,
+                 position=state["position"] + 1)
+    state = _next_tokens(eos_ids, pad_id, logits[:, 0], state)
+    return state, (state["token"], state["done"])
+
+  state, (tokens, done) = jax.lax.scan(step, state, None, length=steps)
+  return state, tokens.T, done.T
+
+
+# ----------------------------------------------------------------------------- generator
+
+class Generator:
+  """Owns the jitted programs; `generate` / `chat` run any number of prompts."""
+
+  def __init__(self, config: llama.LlamaConfig, params, tokenizer, *, max_batch_size: int = 16,
+               max_seq_len: int = 2048, lora=None, lora_scale: float = 1.0,
+               dtype=jnp.float32):
+    self.config = dataclasses.replace(config, dtype=dtype, remat=False)
+    self.tokenizer = tokenizer
+    self.max_batch_size = max_batch_size
+    self.max_seq_len = max_seq_len
+    self.dtype = jnp.dtype(dtype)
+    self.model = llama.Llama(self.config, lora_scale=lora_scale)
+    cast = lambda x: jnp.asarray(x, self.dtype if jnp.issubdtype(  # noqa: E731
+        jnp.asarray(x).dtype, jnp.floating) else None)
+    self.variables = {"params": jax.tree.map(cast, params)}
+    if lora is not None:
+      self.variables["lora"] = jax.tree.map(cast, lora)
+    self.eos_ids = tuple(int(x) for x in config.eos_token_ids) or (-1,)
+    self.pad_id = next(x for x in (config.pad_token_id, *config.eos_token_ids, 0)
+                       if x is not None)
+    # Module-level jitted programs: generators of the same model share compiled code.
+    self._prefill = functools.partial(_prefill, self.model, self.eos_ids, self.pad_id)
+    self._decode = functools.partial(_decode, self.model, self.eos_ids, self.pad_id)
+
+  # --- host loop -------------------------------------------------------------------
+
+  def _encode(self, prompt) -> list[int]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("text prompts need a tokenizer; pass token id lists instead")
+      return list(self.tokenizer(prompt)["input_ids"])
+    return [int(t) for t in prompt]
+
+  def generate(self, prompts: Sequence[str | Sequence[int]],
+               sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+               callback: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Completions for `prompts` (text, tokenised with special tokens, or token ids)."""
+    prompts = list(prompts)
+    if isinstance(sampling, SamplingParams):
+      sampling = [sampling] * len(prompts)
+    sampling = list(sampling)
+    if len(sampling) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
+    encoded = [self._encode(p) for p in prompts]
+    for row, (ids, params) in enumerate(zip(encoded, sampling)):
+      if not ids:
+        raise ValueError(f"prompt {row} is empty")
+      if len(ids) + params.max_new_tokens > self.max_seq_len:
+        raise ValueError(f"prompt {row} has {len(ids)} tokens and asks for "
+                         f"{params.max_new_tokens} new ones, more than max_seq_len="
+                         f"{self.max_seq_len}; shorten it or lower max_new_tokens")
+    out: list[Completion] = []
+    for start in range(0, len(prompts), self.max_batch_size):
+      end = start + self.max_batch_size
+      offset_callback = None
+      if callback is not None:
+        offset_callback = functools.partial(lambda s, row, text: callback(s + row, text), start)
+      out.extend(self._generate_batch(encoded[start:end], sampling[start:end],
+                                      offset_callback))
+    return out
+
+  def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
+                      callback) -> list[Completion]:
+    n = len(encoded)
+    b = batch_bucket(n, self.max_batch_size)
+    p = bucket(max(len(ids) for ids in encoded))
+    max_new = max(s.max_new_tokens for s in sampling)
+    decode_steps = -(-(max_new - 1) // DECODE_CHUNK) * DECODE_CHUNK
+    cache_len = bucket(p + decode_steps)
+    ids = np.full((b, p), self.pad_id, np.int32)
+    mask = np.zeros((b, p), np.int32)
+    for row, prompt in enumerate(encoded):
+      ids[row, p - len(prompt):] = prompt
+      mask[row, p - len(prompt):] = 1
+    mask[n:, -1] = 1  # padding rows: one dummy token, done from the start
+    fill = lambda f, default, dtype: np.asarray(  # noqa: E731
+        [f(s) for s in sampling] + [default] * (b - n), dtype)
+    inputs = dict(
+        ids=ids, mask=mask, done=np.arange(b) >= n,
+        keys=jax.vmap(jax.random.key)(fill(lambda s: s.seed % 2 ** 32, 0, np.uint32)),
+        temperature=fill(lambda s: s.temperature, 0.0, np.float32),
+        top_k=fill(lambda s: s.top_k, 0, np.int32),
+        top_p=fill(lambda s: s.top_p, 1.0, np.float32),
+        max_new=fill(lambda s: s.max_new_tokens, 1, np.int32))
+    state = self._prefill(cache_len, self.variables, inputs)
+    rows = [_Row(self.tokenizer, sampling[r], self.eos_ids, len(encoded[r])) for r in range(n)]
+    first, done = jax.device_get((state["token"], state["done"]))
+    self._consume(rows, first[:, None], done[:, None], callback)
+    while not all(r.finished for r in rows):
+      if any(r.finished and not d for r, d in zip(rows, done)):  # stopped by a stop string
+        state["done"] = jnp.asarray(np.asarray(done) | np.asarray(
+            [r.finished for r in rows] + [True] * (b - n)))
+      state, tokens, done_steps = self._decode(DECODE_CHUNK, self.variables, state)
+      tokens, done_steps = jax.device_get((tokens, done_steps))
+      self._consume(rows, tokens, done_steps, callback)
+      done = done_steps[:, -1]
+    return [r.completion() for r in rows]
+
+  @staticmethod
+  def _consume(rows, tokens, done, callback) -> None:
+    for i, row in enumerate(rows):
+      if row.finished:
+        continue
+      row.add(tokens[i].tolist(), done[i].tolist())
+      new_text = row.take_stream_text()
+      if callback is not None and new_text:
+        callback(i, new_text)
+
+  # --- chat ------------------------------------------------------------------------
+
+  def render_chat(self, messages: list[dict]) -> str:
+    if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+      raise ValueError("chat needs a tokenizer with a chat template (tokenizer_config.json "
+                       "'chat_template', or the GGUF's tokenizer.chat_template)")
+    return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=True)
+
+  def chat(self, conversations: Sequence[list[dict]],
+           sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+           callback: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Completions of chat conversations (the template's special tokens, no extra BOS)."""
+    prompts = [self.tokenizer(self.render_chat(m), add_special_tokens=False)["input_ids"]
+               for m in conversations]
+    return self.generate(prompts, sampling, callback)
+
+
+class _Row:
+  """Host-side state of one row: tokens so far, stop strings, text streamed so far."""
+
+  def __init__(self, tokenizer, sampling: SamplingParams, eos_ids, prompt_tokens: int):
+    self.tokenizer = tokenizer
+    self.sampling = sampling
+    self.eos_ids = set(int(x) for x in eos_ids)
+    self.prompt_tokens = prompt_tokens
+    self.token_ids: list[int] = []
+    self.text = ""
+    self.streamed = 0  # characters of `text` already given to the callback
+    self.finished = False
+    self.finish_reason = "length"
+
+  def _decode(self, ids: list[int]) -> str:
+    if self.tokenizer is None:
+      return ""
+    # No clean-up of spaces: it can rewrite earlier text, and the stream must only append.
+    return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                 clean_up_tokenization_spaces=False)
+
+  def _stop_at(self, text: str) -> int:
+    return min((i for i in (text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+
+  def add(self, tokens: list[int], device_done: list[bool]) -> None:
+    """Appends a chunk of sampled tokens (and the device's done flag after each)."""
+    before = len(self.token_ids)
+    for token, done in zip(tokens, device_done):
+      if token in self.eos_ids:
+        self.finished, self.finish_reason = True, "stop"
+        break
+      self.token_ids.append(token)
+      if len(self.token_ids) >= self.sampling.max_new_tokens or done:
+        self.finished = True
+        break
+    self.text = self._decode(self.token_ids)
+    if self.sampling.stop and self._stop_at(self.text) >= 0:
+      # The first token of this chunk after which a stop string appears ends the row.
+      for n in range(before + 1, len(self.token_ids) + 1):
+        text = self._decode(self.token_ids[:n])
+        cut = self._stop_at(text)
+        if cut >= 0:
+          self.token_ids = self.token_ids[:n]
+          self.text = text[:cut]
+          self.finished, self.finish_reason = True, "stop"
+          break
+
+  def take_stream_text(self) -> str:
+    """New text safe to stream: whole characters, never a possible stop-string prefix."""
+    end = len(self.text)
+    if not self.finished:
+      end = len(self.text.rstrip("\ufffd"))  # an unfinished multi-byte character
+      for stop in self.sampling.stop:  # hold back a tail that may grow into a stop string
+        for k in range(min(len(stop) - 1, end), 0, -1):
+          if self.text[:end].endswith(stop[:k]):
+            end -= k
+            break
+    end = max(end, self.streamed)
+    new = self.text[self.streamed:end]
+    self.streamed = end
+    return new
+
+  def completion(self) -> Completion:
+    return Completion(text=self.text, token_ids=list(self.token_ids),
+                      prompt_tokens=self.prompt_tokens, completion_tokens=len(self.token_ids),
+                      finish_reason=self.finish_reason)

