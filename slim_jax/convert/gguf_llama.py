@@ -12,8 +12,11 @@ reads the vocabulary, merges and chat template stored in the file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -140,14 +143,49 @@ def read_tensors(reader, path: str, config) -> dict[str, np.ndarray]:
   return tensors
 
 
+def _tokenizer_cache_dir(path: str) -> str | None:
+  """Where the converted tokenizer of this exact file is cached (None: caching off)."""
+  root = os.environ.get("SLIM_JAX_CACHE", os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slim_jax"))
+  if not root:
+    return None
+  stat = os.stat(path)
+  key = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+  return os.path.join(root, "gguf_tokenizers", key.hexdigest()[:24])
+
+
 def load_tokenizer(path: str):
+  """transformers' tokenizer from the GGUF metadata (vocabulary, merges, chat template).
+
+  Building it from the GGUF takes ~10 s, so the result is saved once under
+  $SLIM_JAX_CACHE (default ~/.cache/slim_jax; empty string: no cache), keyed by the file's
+  path, size and modification time, and later loads read that folder.
+  """
   import transformers  # pylint: disable=import-outside-toplevel
+  cache = _tokenizer_cache_dir(path)
+  if cache and os.path.exists(os.path.join(cache, "tokenizer_config.json")):
+    try:
+      return transformers.AutoTokenizer.from_pretrained(cache)
+    except Exception:  # pylint: disable=broad-except
+      pass  # a damaged cache entry: rebuild it below
   folder, name = os.path.split(os.path.abspath(path))
-  return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  if cache:
+    try:
+      os.makedirs(os.path.dirname(cache), exist_ok=True)
+      tmp = tempfile.mkdtemp(dir=os.path.dirname(cache), prefix=".tmp-tokenizer-")
+      tokenizer.save_pretrained(tmp)
+      try:
+        os.replace(tmp, cache)
+      except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+      pass  # a read-only cache location: work without the cache
+  return tokenizer
 
 
 def load_gguf(path: str, param_dtype=None) -> tuple[Any, dict, Any]:
-  """(config, params, tokenizer) from a LLaMA .gguf file."""
+  """(config, params, tokenizer) from a LLaMA .gguf file (tokenizer None if it has none)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such GGUF file")
   reader = _reader(path)
@@ -157,4 +195,5 @@ def load_gguf(path: str, param_dtype=None) -> tuple[Any, dict, Any]:
     config = dataclasses.replace(config, param_dtype=param_dtype)
   tensors = read_tensors(reader, path, config)
   params = llama_hf.tensors_to_params(config, tensors, source=path, param_dtype=param_dtype)
-  return config, params, load_tokenizer(path)
+  has_tokenizer = _field(reader, "tokenizer.ggml.model") is not None
+  return config, params, load_tokenizer(path) if has_tokenizer else None
