@@ -18,11 +18,14 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slim_jax.models import llama
 from slim_jax.models import lora as lora_lib
@@ -91,7 +94,7 @@ class Peer:
     torch.set_num_threads(threads)
     path = gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     model.config.use_cache = False
     self.model = get_peft_model(model, LoraConfig(
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,

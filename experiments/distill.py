@@ -25,9 +25,12 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import time
 
-from absl import app, flags, logging
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder: reads rationales/, writes distill/.")
