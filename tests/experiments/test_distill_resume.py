@@ -105,3 +105,23 @@ def test_sigkill_and_resume_ends_like_uninterrupted_run(tmp_path, tiny_student):
   with open(os.path.join(broken, "distill", "logs", "metrics.jsonl"), encoding="utf-8") as f:
     steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
   assert steps == list(range(1, NUM_STEPS + 1))
+
+
+def test_smoke_run_writes_adapter_reports_and_logs(tmp_path, tiny_student):
+  from slim_jax.models import lora
+  workdir = str(tmp_path / "run")
+  command = [c for c in _command(workdir, tiny_student) if not c.startswith("--num_steps")]
+  result = subprocess.run(command + ["--num_steps=2", "--checkpoint_every=1"], env=_env(),
+                          timeout=900, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = os.path.join(workdir, "distill")
+  summary = _summary(workdir)
+  assert summary["steps"] == 2 and summary["train_examples"] + summary["heldout_examples"] == 20
+  with open(os.path.join(out, "truncation_report.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["examples_read"] == 20 and report["max_length"] == 384
+  adapter, spec = lora.load_peft(os.path.join(out, "peft_adapter"))
+  assert spec.rank == 8 and set(adapter["layers_1"]["self_attn"]) == {
+      "q_proj", "k_proj", "v_proj", "o_proj"}
+  assert _steps_saved(workdir) == [1, 2]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "logs")))
