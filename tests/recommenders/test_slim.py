@@ -1,0 +1,116 @@
+"""SLIM fusion models: shapes of every variant, text-only item scoring, learning."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "train"))
+from planted import planted_dataset  # noqa: E402
+from slim_jax.data import sequences  # noqa: E402
+from slim_jax.recommenders import slim  # noqa: E402
+from slim_jax.train import loop  # noqa: E402
+
+V, U, DT, L = 30, 12, 24, 8
+
+
+def _text(seed=0):
+  rng = np.random.default_rng(seed)
+  items = rng.normal(size=(V + 1, DT)).astype(np.float32)
+  items[0] = 0
+  return items, rng.normal(size=(U, DT)).astype(np.float32)
+
+
+def _model(variant, backbone="sasrec", items=None, users=None):
+  if items is None:
+    items, users = _text()
+  return slim.make_model(variant, backbone, num_items=V, item_text=items, user_text=users,
+                         max_len=L, hidden_size=16, num_layers=1, num_heads=2, dropout=0.1)
+
+
+_CASES = [(v, "sasrec") for v in sorted(slim.VARIANTS)] + [
+    ("slim", "gru4rec"), ("backbone+", "srgnn"), ("slim", "srgnn")]
+
+
+@pytest.mark.parametrize("variant,backbone", _CASES)
+def test_shapes_of_every_variant(variant, backbone):
+  model = _model(variant, backbone)
+  inputs = jnp.asarray([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]], jnp.int32)
+  users = jnp.asarray([0, 5], jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), inputs, users)["params"]
+  last = model.apply({"params": params}, inputs, users)
+  every = model.apply({"params": params}, inputs, users, all_positions=True)
+  assert last.sequence.shape == (2, 16) and last.items.shape == (V + 1, 16)
+  assert every.sequence.shape == (2, L, 16)
+  np.testing.assert_allclose(every.sequence[:, -1], last.sequence, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(last.items[0]), 0)  # padding row
+  if slim.variant_source(variant) is not None:  # the rationale changes the user vector
+    other = model.apply({"params": params}, inputs, jnp.asarray([1, 2], jnp.int32))
+    assert not np.allclose(other.sequence, last.sequence)
+
+
+def test_text_vectors_are_not_parameters():
+  model = _model("slim")
+  inputs = jnp.ones((2, L), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), inputs, jnp.zeros(2, jnp.int32))["params"]
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  assert (V + 1) * DT not in sizes and U * DT not in sizes
+
+
+def test_id_agnostic_scores_items_by_text_alone():
+  items, users = _text()
+  unseen = V  # never in any input: only its text exists
+  items[unseen] = items[4]  # same text as item 4
+  model = _model("agnostic", items=items, users=users)
+  inputs = jnp.asarray([[0, 0, 1, 2, 3, 5, 6, 7]], jnp.int32)
+  params = model.init(jax.random.PRNGKey(1), inputs, jnp.zeros(1, jnp.int32))["params"]
+  reps = model.apply({"params": params}, inputs, jnp.zeros(1, jnp.int32))
+  scores = np.asarray(reps.sequence @ reps.items.T)[0]
+  assert np.isclose(scores[unseen], scores[4], atol=1e-5)  # identical text, identical score
+  assert not np.isclose(scores[unseen], scores[9])
+  # Changing the unseen item's text changes its score: it is represented by its text.
+  items2 = items.copy()
+  items2[unseen] = items[9]
+  reps2 = _model("agnostic", items=items2, users=users).apply({"params": params}, inputs,
+                                                             jnp.zeros(1, jnp.int32))
+  assert np.isclose(np.asarray(reps2.sequence @ reps2.items.T)[0, unseen], scores[9], atol=1e-5)
+  # An ID-based model cannot do this: the same text gives different scores.
+  idb = _model("slim", items=items, users=users)
+  p = idb.init(jax.random.PRNGKey(1), inputs, jnp.zeros(1, jnp.int32))["params"]
+  r = idb.apply({"params": p}, inputs, jnp.zeros(1, jnp.int32))
+  s = np.asarray(r.sequence @ r.items.T)[0]
+  assert not np.isclose(s[unseen], s[4], atol=1e-6)
+
+
+def test_bad_inputs_are_rejected():
+  items, users = _text()
+  with pytest.raises(ValueError, match="unknown SLIM variant"):
+    slim.make_model("slim++", "sasrec", num_items=V, item_text=items, user_text=users)
+  with pytest.raises(ValueError, match="student.npy"):
+    slim.make_model("slim", "sasrec", num_items=V, item_text=items)
+  with pytest.raises(ValueError, match="re-run the encode stage"):
+    slim.make_model("backbone+", "sasrec", num_items=V + 3, item_text=items)
+
+
+@pytest.mark.parametrize("variant,backbone", [
+    ("slim", "gru4rec"), pytest.param("agnostic", "sasrec", marks=pytest.mark.slow)])
+def test_fused_model_learns_planted_structure(tmp_path, variant, backbone):
+  data = planted_dataset(num_users=120, num_items=150)
+  rng = np.random.default_rng(0)
+  items = rng.normal(size=(data.num_items + 1, 32)).astype(np.float32)
+  items[0] = 0
+  users = rng.normal(size=(data.num_users, 32)).astype(np.float32)
+  model = slim.make_model(variant, backbone, num_items=data.num_items, item_text=items,
+                          user_text=users, max_len=20, hidden_size=32, num_layers=1,
+                          dropout=0.1)
+  negatives = sequences.sample_eval_negatives(data, 100, seed=0)
+  config = loop.TrainConfig(loss="bce", epochs=12, batch_size=32, learning_rate=5e-3,
+                            patience=3, eval_batch_size=64, max_len=20, progress=False)
+  result = loop.train_and_evaluate(model, data, negatives, config, str(tmp_path),
+                                   log=lambda *_: None)
+  # Random ranking against 100 negatives: NDCG@10 about 0.045 (measured here: slim-gru4rec
+  # about 0.3, the ID-agnostic model about 0.1 after 12 epochs).
+  assert result["test"]["ndcg@10"] > 0.08, result["test"]
