@@ -1,0 +1,56 @@
+"""experiments/run_slim.py: bad flags stop before any work; the smoke preset end to end."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "experiments", "run_slim.py")
+
+
+def _run(*args, timeout=1500):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                        timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--backbones=bert4rec", "unknown backbone"),
+    ("--data_dir=/nonexistent/folder", "is not a folder"),
+    ("--teacher_base_url=http://127.0.0.1:9/v1", "does not answer"),
+    ("--variants=slim++", "unknown variant"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, flag, message):
+  work = tmp_path / "w"
+  proc = _run(f"--workdir={work}", "--preset=smoke", flag, timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr + proc.stdout
+  assert not work.exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end_and_rerun_skips(tmp_path):
+  work = tmp_path / "w"
+  first = _run(f"--workdir={work}", "--preset=smoke")
+  assert first.returncode == 0, first.stderr[-3000:]
+  for rel in ("data/items.jsonl", "rationales/teacher.jsonl", "rationales/student.jsonl",
+              "distill/peft_adapter", "embeddings/items.npy", "embeddings/student.npy",
+              "embeddings/teacher.npy", "recommend/results.json", "report/results.md",
+              "report/results.csv", "report/results.png", "report/interpretability.md"):
+    assert (work / rel).exists(), rel
+  with open(work / "report" / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  variants = {r["variant"] for r in rows}
+  assert {"backbone", "backbone+", "slim-", "slim", "agnostic", "agnostic-step1"} <= variants
+  for row in rows:
+    for key, value in row.items():
+      if key.endswith("_mean") or key.endswith("_std"):
+        assert 0.0 <= float(value) <= 1.0, (row, key)
+  second = _run(f"--workdir={work}", "--preset=smoke", timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  record = json.loads((work / "pipeline" / "last_run.json").read_text())
+  assert [r["status"] for r in record] == ["skipped"] * 7, record
