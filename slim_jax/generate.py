@@ -221,14 +221,17 @@ class Generator:
                                       offset_callback))
     return out
 
+  def buckets(self, rows: int, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """(batch, prompt length, cache length) the programs run at for such a batch."""
+    p = bucket(prompt_len)
+    decode_steps = -(-(max_new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK
+    return batch_bucket(rows, self.max_batch_size), p, bucket(p + decode_steps)
+
   def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
                       callback) -> list[Completion]:
     n = len(encoded)
-    b = batch_bucket(n, self.max_batch_size)
-    p = bucket(max(len(ids) for ids in encoded))
-    max_new = max(s.max_new_tokens for s in sampling)
-    decode_steps = -(-(max_new - 1) // DECODE_CHUNK) * DECODE_CHUNK
-    cache_len = bucket(p + decode_steps)
+    b, p, cache_len = self.buckets(n, max(len(ids) for ids in encoded),
+                                   max(s.max_new_tokens for s in sampling))
     ids = np.full((b, p), self.pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
     for row, prompt in enumerate(encoded):
