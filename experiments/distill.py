@@ -68,6 +68,7 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Activati
 flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass.")
 flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
 flags.DEFINE_bool("force", False, "Train again even when the adapter matches the manifest.")
+from slim_jax import distributed  # noqa: E402  (after --mesh: adds the process flags)
 
 OUT_DIR = "distill"
 ADAPTER_DIR = "peft_adapter"
@@ -93,6 +94,7 @@ def _write_json(path: str, value) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   # Imported here so that --help is fast.

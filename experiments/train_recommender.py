@@ -65,6 +65,7 @@ _SKIP_BAD_LINES = flags.DEFINE_bool("skip_bad_lines", False,
                                     "Count and skip malformed input lines.")
 _MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=8 ('' = all devices on data).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per epoch.")
+from slim_jax import distributed  # noqa: E402,F401  (after --mesh: adds the process flags)
 
 FLAGS = flags.FLAGS
 
@@ -201,6 +202,7 @@ def format_table(results: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   try:
     plan = parse_flags()
