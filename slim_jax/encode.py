@@ -36,8 +36,8 @@ A malformed rationale line is an error naming file:line before anything is writt
 `skip_bad_lines`, skipped and reported); outputs from earlier runs are never removed.
 
 Batches are built from texts sorted by token length; each batch is padded to the next of a
-few bucket lengths (`bucket_lengths`) and to a full batch, so XLA compiles at most one
-program per bucket.
+few bucket lengths (`bucket_lengths`) and to a full batch (the last, short batch to a power
+of two), so XLA compiles about one program per bucket.
 """
 
 from __future__ import annotations
@@ -142,12 +142,18 @@ def folder_defaults(path: str) -> FolderDefaults:
 # ----------------------------------------------------------------------------- batching
 
 def bucket_lengths(max_length: int) -> list[int]:
-  """Padded lengths a batch may take: steps of 8 to 64, 16 to 128, 32 beyond, then max."""
+  """Padded lengths a batch may take: steps of 8 up to 64, then 16, then max_length."""
   out, n = [], 8
   while n < max_length:
     out.append(n)
-    n += 8 if n < 64 else 16 if n < 128 else 32
+    n += 8 if n < 64 else 16
   return out + [max_length]
+
+
+def batch_rows(n: int, batch_size: int) -> int:
+  """Rows a batch of n texts is padded to: batch_size, or for the one short last batch the
+  next power of two (at most one more compiled shape, far less padding)."""
+  return batch_size if n >= batch_size else min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int,
@@ -286,12 +292,13 @@ class TextEncoder:
         bar.update(len(index))
 
     for index, length in batches:
-      batch_ids = np.full((self.batch_size, length), pad, np.int32)
-      mask = np.zeros((self.batch_size, length), np.int32)
+      rows = batch_rows(len(index), self.batch_size)
+      batch_ids = np.full((rows, length), pad, np.int32)
+      mask = np.zeros((rows, length), np.int32)
       for row, i in enumerate(index):
         batch_ids[row, :lengths[i]] = ids[i]
         mask[row, :lengths[i]] = 1
-      stats.padded_tokens += self.batch_size * length
+      stats.padded_tokens += rows * length
       pending.append((index, self._forward(self.params, batch_ids, mask)))
       if len(pending) > 1:
         fetch(pending.pop(0))

@@ -53,12 +53,14 @@ def test_minilm_folder_defaults(tmp_path):
 
 def test_buckets_and_batch_plan():
   buckets = encode.bucket_lengths(256)
-  assert buckets[:3] == [8, 16, 24] and buckets[-1] == 256 and len(buckets) <= 16
+  assert buckets[:3] == [8, 16, 24] and buckets[-1] == 256 and len(buckets) <= 20
+  assert buckets[8:10] == [80, 96]
   assert encode.bucket_lengths(20) == [8, 16, 20]
+  assert [encode.batch_rows(n, 64) for n in (64, 63, 33, 32, 5, 1)] == [64, 64, 64, 32, 8, 1]
   lengths = [5, 30, 9, 200, 17, 8]
   plan = encode.plan_batches(lengths, 2, buckets)
   assert [list(i) for i, _ in plan] == [[3, 1], [4, 2], [5, 0]]
-  assert [t for _, t in plan] == [224, 24, 8]
+  assert [t for _, t in plan] == [208, 24, 8]
   assert sorted(np.concatenate([i for i, _ in plan]).tolist()) == list(range(6))
 
 

@@ -164,14 +164,23 @@ class Attention(_Block):
     cfg = self.config
     b, t, _ = x.shape
     n, h = cfg.num_attention_heads, cfg.head_dim
-    q = self.dense(n * h, ("embed", "heads"), "query")(x).reshape(b, t, n, h)
-    k = self.dense(n * h, ("embed", "heads"), "key")(x).reshape(b, t, n, h)
-    v = self.dense(n * h, ("embed", "heads"), "value")(x).reshape(b, t, n, h)
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k,
-                        preferred_element_type=jnp.float32) / np.sqrt(h)
-    probs = jax.nn.softmax(scores + key_bias, axis=-1).astype(q.dtype)  # [B, N, T, S]
-    probs = self.dropout(probs)
-    out = jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, n * h)
+    # Heads first ([B, N, T, H]) so both attention matmuls are plain batched matmuls: on
+    # CPU this layout runs them several times faster than contracting across [B, T, N, H].
+    def heads(name):
+      y = self.dense(n * h, ("embed", "heads"), name)(x)
+      return y.reshape(b, t, n, h).transpose(0, 2, 1, 3)
+
+    q, k, v = heads("query"), heads("key"), heads("value")
+    scores = jnp.einsum("bnth,bnsh->bnts", q, k,
+                        preferred_element_type=jnp.float32) * (1.0 / np.sqrt(h)) + key_bias
+    # softmax(scores) @ v, normalised after the matmul ([B, N, T, H] instead of
+    # [B, N, T, S] divisions); pads get exp(min - max) = 0.
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # [B, N, T, S]
+    total = weights.sum(axis=-1, keepdims=True)  # [B, N, T, 1]
+    weights = self.dropout(weights)
+    out = jnp.einsum("bnts,bnsh->bnth", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) / total
+    out = out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(b, t, n * h)
     return self.dense(cfg.hidden_size, ("heads", "embed"), "output")(out)
 
 
