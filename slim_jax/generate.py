@@ -160,6 +160,14 @@ def _decode(model, eos_ids, pad_id, steps: int, variables, state):
 
 # ----------------------------------------------------------------------------- generator
 
+def _cast_floats(tree, dtype):
+  """Device arrays, floating leaves in `dtype` (bfloat16 generation halves weight reads)."""
+  def cast(x):
+    x = jnp.asarray(x)
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, tree)
+
+
 class Generator:
   """Owns the jitted programs; `generate` / `chat` run any number of prompts."""
 
@@ -172,11 +180,9 @@ class Generator:
     self.max_seq_len = max_seq_len
     self.dtype = jnp.dtype(dtype)
     self.model = llama.Llama(self.config, lora_scale=lora_scale)
-    cast = lambda x: jnp.asarray(x, self.dtype if jnp.issubdtype(  # noqa: E731
-        jnp.asarray(x).dtype, jnp.floating) else None)
-    self.variables = {"params": jax.tree.map(cast, params)}
+    self.variables = {"params": _cast_floats(params, self.dtype)}
     if lora is not None:
-      self.variables["lora"] = jax.tree.map(cast, lora)
+      self.variables["lora"] = _cast_floats(lora, self.dtype)
     self.eos_ids = tuple(int(x) for x in config.eos_token_ids) or (-1,)
     self.pad_id = next(x for x in (config.pad_token_id, *config.eos_token_ids, 0)
                        if x is not None)

@@ -117,7 +117,8 @@ def test_greedy_matches_hugging_face_generate_with_left_padding(tmp_path):
 def test_sample_respects_top_k_top_p_and_temperature():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
   keys = jax.vmap(jax.random.key)(jnp.arange(4000))
-  draw = lambda t, k, p: np.asarray(generate.sample(  # noqa: E731
+  sample = jax.jit(generate.sample)
+  draw = lambda t, k, p: np.asarray(sample(  # noqa: E731
       logits, keys, jnp.full(4000, t), jnp.full(4000, k, jnp.int32), jnp.full(4000, p)))
   counts = np.bincount(draw(1.0, 0, 1.0), minlength=4) / 4000
   np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
@@ -215,3 +216,12 @@ def test_stop_strings_cut_the_text_and_the_stream(chat_generator):
   assert "".join(streamed) == cut.text
   assert cut.token_ids == free.token_ids[:len(cut.token_ids)]
   assert len(cut.token_ids) < len(free.token_ids)
+
+
+def test_bfloat16_generation_runs_in_bfloat16(tiny):
+  config, params = tiny
+  g = generate.Generator(config, params, None, max_batch_size=4, dtype=jnp.bfloat16)
+  assert {x.dtype for x in jax.tree.leaves(g.variables)} == {jnp.dtype(jnp.bfloat16)}
+  outs = g.generate(PROMPTS, generate.SamplingParams(max_new_tokens=20))
+  assert all(0 < o.completion_tokens <= 20 for o in outs)
+  assert all(0 <= t < config.vocab_size for o in outs for t in o.token_ids)
