@@ -121,7 +121,7 @@ class OwnTeacherServer:
   def __init__(self, model: str, max_tokens: int):
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "slim_jax.serve", "--model", model, "--port", "0",
-         "--max_batch_size", "8", "--max_seq_len", "2048", "--default_max_tokens",
+         "--max_batch_size", "4", "--max_seq_len", "1024", "--default_max_tokens",
          str(max_tokens)], cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True)
     line = ""
     while "serving" not in line:
@@ -173,6 +173,18 @@ def main(argv):
 
   w = os.path.abspath(FLAGS.workdir)
   os.makedirs(w, exist_ok=True)
+  source_dir = FLAGS.data_dir
+  if dataset == "synthetic":
+    # The stage scripts re-open the data with prepare_or_load's defaults, which for
+    # 'synthetic' means the default generator size: so write the preset's synthetic data as
+    # Amazon files once and run every stage on them as --dataset=amazon.
+    from slim_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    source_dir = os.path.join(w, "raw", "smoke")
+    if not os.path.isdir(source_dir):
+      folders = synthetic.write_amazon(source_dir + ".tmp", synthetic.SyntheticConfig(
+          **(preset.synthetic or {})))
+      os.replace(folders["2014"], source_dir)
+    dataset = "amazon"
   data_dir = os.path.join(w, "data")
   teacher_file = os.path.join(w, "rationales", "teacher.jsonl")
   student_file = os.path.join(w, "rationales", "student.jsonl")
@@ -180,17 +192,16 @@ def main(argv):
   emb = os.path.join(w, "embeddings")
 
   def prepare_stage():
-    from slim_jax.data import prepare, synthetic  # pylint: disable=import-outside-toplevel
-    cfg = synthetic.SyntheticConfig(**preset.synthetic) if dataset == "synthetic" else None
-    prepare.prepare_or_load(dataset, FLAGS.data_dir, w, synthetic_config=cfg, core=2 if cfg else None,
-                            num_negatives=20 if cfg else None,
-                            max_len=preset.max_len)
+    from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
+    small = dataset == "amazon" and preset.synthetic is not None and not FLAGS.data_dir
+    prepare.prepare_or_load(dataset, source_dir, w, core=2 if small else None,
+                            num_negatives=20 if small else None, max_len=preset.max_len)
 
   def teacher_stage():
     common = [f"--workdir={w}", f"--dataset={dataset}", f"--num_users={preset.teacher_users}",
-              f"--max_tokens={preset.teacher_tokens}", "--concurrency=8"]
-    if FLAGS.data_dir:
-      common.append(f"--data_dir={FLAGS.data_dir}")
+              f"--max_tokens={preset.teacher_tokens}", "--concurrency=4", "--timeout=900"]
+    if source_dir:
+      common.append(f"--data_dir={source_dir}")
     if FLAGS.teacher_base_url:
       _py("teacher.py", *common, f"--teacher_base_url={FLAGS.teacher_base_url}",
           f"--teacher_model={FLAGS.teacher_model or 'gpt-3.5-turbo'}")
