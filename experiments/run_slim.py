@@ -76,7 +76,7 @@ ALL_VARIANTS = ("backbone", "backbone+", "slim-", "slim", "agnostic", "agnostic-
 PRESETS = {
     "smoke": Preset("synthetic", {"num_users": 32, "num_items": 40, "num_clusters": 4,
                                   "min_length": 6, "max_length": 10},
-                    0, 24, 2, 192, 24, ("sasrec",), ALL_VARIANTS, (0,), 2, 2, 16, 16, 10,
+                    0, 24, 2, 448, 24, ("sasrec",), ALL_VARIANTS, (0,), 2, 2, 16, 16, 10,
                     {"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
                      "recommend": 120, "report": 5}),
     "default": Preset("ml-100k", None, 200, 160, 100, 768, 160, ("gru4rec", "sasrec", "srgnn"),
