@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app
 from absl import flags
+import jax
 
 from slim_jax import encode
 
@@ -56,6 +58,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  # Compiled bucket programs are kept, so a rerun with new texts starts encoding at once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(
+      _WORKDIR.value, encode.EMBEDDINGS_DIR, "cache", "xla"))
   try:
     encoder = encode.TextEncoder(_ENCODER.value or default_encoder(), pooling=_POOLING.value,
                                  normalize=_NORMALIZE.value, max_length=_MAX_LENGTH.value,

@@ -20,6 +20,7 @@ Stage contract (the SLIM recommender stage reads these files):
                            max_length, dtype) and, per output, the sha256 of every row's
                            text (null for absent rows), rows, truncated and empty counts
     cache/<encoder key>/   text sha256 -> vector chunks (`EmbeddingCache`)
+    cache/xla/             XLA's compilation cache (set by experiments/encode.py)
 
 Vectors are pooled (mean over real tokens, the [CLS] state, or the pooler output) and, when
 asked, L2-normalised; the defaults come from a sentence-transformers folder's
@@ -185,7 +186,9 @@ class TextEncoder:
   def __init__(self, path: str, pooling: str | None = None, normalize: bool | None = None,
                max_length: int | None = None, batch_size: int = 64, dtype: str = "float32"):
     self.path = os.path.abspath(os.fspath(path))
-    self.config, self.params, self.tokenizer = bert.load_pretrained(self.path, dtype=dtype)
+    self.config, params, self.tokenizer = bert.load_pretrained(self.path, dtype=dtype)
+    self.params = jax.device_put(params)  # once, not on every jitted call
+    del params
     if self.tokenizer is None:
       raise FileNotFoundError(f"{self.path}: no tokenizer files (tokenizer.json or vocab.txt);"
                               " the encoder folder needs its tokenizer")
