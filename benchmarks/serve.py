@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import openai  # noqa: E402
 
+import _common  # noqa: E402  pylint: disable=wrong-import-position
 from slim_jax import serve  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
 
@@ -113,19 +113,13 @@ def main(argv=None) -> None:
   sequential = statistics.median(rates["sequential"])
   concurrent = statistics.median(rates["concurrent"])
   ratio = concurrent / sequential
-  rows = [{"case": f"{name}: {args.clients} concurrent clients vs {args.clients} sequential "
-                   f"requests, {args.max_tokens} new tokens",
-           "unit": "tokens/s", "ours": concurrent, "peer": sequential, "ratio": ratio}]
-  print(f"\n{'case':<16}{'tokens/s':>12}")
-  print(f"{'sequential':<16}{sequential:>12.1f}")
-  print(f"{'concurrent':<16}{concurrent:>12.1f}")
-  print(f"ratio concurrent/sequential: {ratio:.2f}x (target >= 4x); "
-        f"{batches} generator batches for {args.repeats * args.clients * 2} requests")
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"benchmark": "serve", "rows": rows}, f, indent=2)
-      f.write("\n")
-
+  rows = [_common.Row.rate(
+      f"{name}: {args.clients} concurrent clients vs {args.clients} sequential requests, "
+      f"{args.max_tokens} new tokens", "tokens/s", concurrent, sequential)]
+  print(f"\nsequential {sequential:.1f} tokens/s, concurrent {concurrent:.1f} tokens/s: "
+        f"{concurrent / sequential:.2f}x (target >= 4x); {batches} generator batches for "
+        f"{args.repeats * args.clients * 2} requests")
+  _common.report("serve", rows, args.out)
 
 if __name__ == "__main__":
   main()
