@@ -3,18 +3,25 @@
 Each sequence becomes a directed session graph: one node per distinct item, an edge u->v
 when v directly follows u (set once however often it repeats). The incoming and outgoing
 adjacency matrices are row-normalised by in- and out-degree. A gated graph network
-(`num_layers` steps of GNNCell) updates node vectors; each position takes its item's
+(`num_layers` steps of a gated cell) updates node vectors; each position takes its item's
 node vector; a soft attention over the positions, queried by the last item, plus the last
 item itself, go through a linear transform to the sequence vector.
 
-RecBole builds the graph in numpy on the host with `np.unique`. Here it is fixed-size and
-jit-friendly: node slot s stands for the item first seen at position s (slots of repeats
-and padding get no edges and are never read), so no unique/sort is needed and padding on
-either side gives the same result. The GNN is equivariant to node order, so this equals
-RecBole's sorted-unique layout exactly (tested against a port in tests/reference/).
+RecBole builds the graph in numpy on the host with `np.unique`. Here node n is the
+position where its item first appears (`node_ids`), so no unique/sort is needed and
+padding on either side gives the same result; the GNN is equivariant to node order, so
+this equals RecBole's sorted-unique layout (tested against a port in tests/reference/).
 
-`encode` (one vector per prefix) runs the graph once per prefix: position t's vector is
-the graph of items 0..t, exactly what RecBole computes for each prefix as its own example.
+`encode` gives one vector per prefix, position t standing for the graph of items 0..t,
+exactly what RecBole computes when it trains on each prefix as its own example. Running
+L graphs of L nodes per sequence costs O(L^2 D^2); instead, the first GNN step is taken
+only where a node's state can change. Adding prefix q's transition (q-1 -> q) changes
+only two nodes, those of positions q and q-1, so the first step has 2L distinct node
+states per sequence (`event_masks`): state q is node(q) after prefix q, state L + q
+node(q-1) after prefix q. Node n's state in prefix p is then the state of the latest
+q <= p that touched n (`state_index`). The readout of all L prefixes reads those states
+by index: O(L D^2 + L^2 D) per sequence. Further GNN steps (num_layers > 1) mix
+neighbours' states, which break this sharing; they run densely per prefix from there.
 """
 
 from __future__ import annotations
@@ -53,19 +60,44 @@ def _uniform(stdv: float):
   return init
 
 
-def session_graph(inputs: jnp.ndarray):
-  """inputs [B, L] -> (slots [B, L, L] one-hot position->node slot, transitions [B, L-1, L, L]).
+# ----------------------------------------------------------------- graph from item ids
 
-  slots[b, t, s] = 1 when position t holds the item first seen at position s (0 for padding).
-  transitions[b, t] is the one-hot edge slot(t) -> slot(t+1) (zero when either is padding).
+
+def node_ids(inputs: jnp.ndarray) -> jnp.ndarray:
+  """inputs [B, L] -> [B, L] int32: the node of each position.
+
+  A real position's node is the first position holding the same item (0..L-1); padding
+  position t gets node L + t, a node of its own that no edge reaches.
   """
   l = inputs.shape[1]
   mask = padding_mask(inputs)  # [B, L]
-  same = (inputs[:, :, None] == inputs[:, None, :]) & mask[:, :, None]  # [B, T, S]
-  first = jnp.argmax(same, axis=-1)  # [B, L]: first position holding the same item
-  slots = jax.nn.one_hot(first, l, dtype=jnp.float32) * mask[..., None]  # [B, L, L]
-  transitions = jnp.einsum("btu,btv->btuv", slots[:, :-1], slots[:, 1:])  # [B, L-1, L, L]
-  return slots, transitions
+  same = (inputs[:, :, None] == inputs[:, None, :]) & mask[:, None, :]  # [B, T, S]
+  first = jnp.argmax(same, axis=-1).astype(jnp.int32)  # [B, L]
+  return jnp.where(mask, first, l + jnp.arange(l, dtype=jnp.int32))
+
+
+def new_edges(nodes: jnp.ndarray) -> jnp.ndarray:
+  """nodes [B, L] -> [B, L-1] bool: transition t (node[t] -> node[t+1]) is a real edge
+  seen for the first time (edges form a set: a repeated transition adds nothing)."""
+  l = nodes.shape[1]
+  src, dst = nodes[:, :-1], nodes[:, 1:]  # [B, T]
+  real = (src < l) & (dst < l)
+  same = (src[:, :, None] == src[:, None, :]) & (dst[:, :, None] == dst[:, None, :])
+  earlier = jnp.tril(jnp.ones((l - 1, l - 1), bool), k=-1)  # [T, T'] t' < t
+  seen = jnp.any(same & earlier[None] & real[:, None, :], axis=-1)
+  return real & ~seen
+
+
+def prefix_adjacency(nodes: jnp.ndarray, prefixes: jnp.ndarray) -> jnp.ndarray:
+  """nodes [B, L], prefixes [P] -> edges [B, P, L, L] in {0,1}, u->v, of each prefix graph.
+
+  Prefix p holds positions 0..p, hence transitions t with t + 1 <= p.
+  """
+  l = nodes.shape[1]
+  onehot = jax.nn.one_hot(nodes, l, dtype=jnp.float32)  # [B, L, N]; padding nodes: zeros
+  live = new_edges(nodes)[:, None, :] & (jnp.arange(l - 1)[None, :] < prefixes[:, None])[None]
+  return jnp.einsum("bpt,btu,btv->bpuv", live.astype(jnp.float32), onehot[:, :-1],
+                    onehot[:, 1:])
 
 
 def normalized_adjacency(edges: jnp.ndarray):
@@ -80,40 +112,88 @@ def normalized_adjacency(edges: jnp.ndarray):
   return a_in, a_out
 
 
+def event_masks(nodes: jnp.ndarray):
+  """nodes [B, L] -> (A_in, A_out) [B, 2L, L-1], the messages of the 2L event states.
+
+  State k < L is node(k) after prefix k; state L + q is node(q - 1) after prefix q (state
+  L + 0 is a placeholder no position reads). A_in[k, t] averages over the new edges t
+  (t + 1 <= prefix) that enter the state's node, A_out[k, t] over those that leave it.
+  """
+  l = nodes.shape[1]
+  owners = jnp.concatenate([nodes, jnp.roll(nodes, 1, axis=1)], axis=1)  # [B, 2L]
+  prefix = jnp.tile(jnp.arange(l), 2)  # [2L]
+  live = new_edges(nodes)[:, None, :] & (jnp.arange(l - 1)[None, :] < prefix[:, None])[None]
+  enters = live & (nodes[:, None, 1:] == owners[:, :, None])  # [B, 2L, T]
+  leaves = live & (nodes[:, None, :-1] == owners[:, :, None])
+
+  def mean(m):
+    m = m.astype(jnp.float32)
+    return m / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
+
+  return mean(enters), mean(leaves)
+
+
+def state_index(nodes: jnp.ndarray, prefixes: jnp.ndarray) -> jnp.ndarray:
+  """nodes [B, L], prefixes [P] -> [B, P, L] int32: the event state (of `event_masks`)
+  holding position t's node after prefix p, for t <= p (other entries are arbitrary)."""
+  l = nodes.shape[1]
+  q = jnp.arange(l)[None, :, None]  # event prefix q, against position t
+  as_new = nodes[:, :, None] == nodes[:, None, :]  # [B, Q, T]: node(q) is node(t)
+  prev = jnp.roll(nodes, 1, axis=1)
+  as_prev = (prev[:, :, None] == nodes[:, None, :]) & (q >= 1)  # node(q - 1) is node(t)
+  # Latest touching q, state q preferred to state L + q (both are the node after prefix q).
+  key = jnp.where(as_new, 2 * q + 1, jnp.where(as_prev, 2 * q, -1))  # [B, Q, T]
+  latest = jnp.maximum(jax.lax.cummax(key, axis=1), 0)[:, prefixes]  # [B, P, T]
+  return jnp.where(latest % 2 == 1, latest // 2, l + latest // 2).astype(jnp.int32)
+
+
+def _gather(table: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """table [B, S, D] or [B, P, S, D], index [B, P, L] -> [B, P, L, D]."""
+  if table.ndim == 3:  # shared by all prefixes: gather (and scatter its gradient) once
+    return jax.vmap(lambda t, i: t[i])(table, index)
+  return jnp.take_along_axis(table, index[..., None], axis=2)
+
+
+# ------------------------------------------------------------------------------ model
+
+
 class GatedGNN(nn.Module):
-  """RecBole's GNN: `steps` applications of one gated cell (shared weights)."""
+  """RecBole's GNN: a gated cell over mean incoming and outgoing neighbour messages."""
 
   hidden_size: int
-  steps: int
   init: object
 
-  @nn.compact
-  def __call__(self, a_in: jnp.ndarray, a_out: jnp.ndarray, hidden: jnp.ndarray) -> jnp.ndarray:
-    # a_in, a_out [B, N, N]; hidden [B, N, D]
+  def setup(self):
     d = self.hidden_size
     p = lambda name, shape, axes: self.param(name, nn.with_logical_partitioning(self.init, axes),
                                              shape)
-    w_ih = p("w_ih", (2 * d, 3 * d), ("embed", "mlp"))  # torch w_ih transposed
-    w_hh = p("w_hh", (d, 3 * d), ("embed", "mlp"))
-    b_ih = p("b_ih", (3 * d,), ("mlp",))
-    b_hh = p("b_hh", (3 * d,), ("mlp",))
-    b_iah = p("b_iah", (d,), ("embed",))
-    b_ioh = p("b_ioh", (d,), ("embed",))
-    edge_in = Linear(d, ("embed", "mlp"), use_bias=True, kernel_init=self.init, name="edge_in")
-    edge_out = Linear(d, ("embed", "mlp"), use_bias=True, kernel_init=self.init,
-                      name="edge_out")
-    for _ in range(self.steps):
-      input_in = jnp.einsum("bij,bjd->bid", a_in, edge_in(hidden)) + b_iah
-      input_out = jnp.einsum("bij,bjd->bid", a_out, edge_out(hidden)) + b_ioh
-      gi = jnp.concatenate([input_in, input_out], -1) @ w_ih + b_ih  # [B, N, 3D]
-      gh = hidden @ w_hh + b_hh
-      i_r, i_i, i_n = jnp.split(gi, 3, axis=-1)
-      h_r, h_i, h_n = jnp.split(gh, 3, axis=-1)
-      reset = jax.nn.sigmoid(i_r + h_r)
-      update = jax.nn.sigmoid(i_i + h_i)
-      new = jnp.tanh(i_n + reset * h_n)
-      hidden = (1.0 - update) * hidden + update * new
-    return hidden
+    self.w_ih = p("w_ih", (2 * d, 3 * d), ("embed", "mlp"))  # torch w_ih transposed
+    self.w_hh = p("w_hh", (d, 3 * d), ("embed", "mlp"))
+    self.b_ih = p("b_ih", (3 * d,), ("mlp",))
+    self.b_hh = p("b_hh", (3 * d,), ("mlp",))
+    self.b_iah = p("b_iah", (d,), ("embed",))
+    self.b_ioh = p("b_ioh", (d,), ("embed",))
+    self.edge_in = Linear(d, ("embed", "mlp"), use_bias=True, kernel_init=self.init)
+    self.edge_out = Linear(d, ("embed", "mlp"), use_bias=True, kernel_init=self.init)
+
+  def cell(self, message_in: jnp.ndarray, message_out: jnp.ndarray,
+           hidden: jnp.ndarray) -> jnp.ndarray:
+    """Mean messages (edge_in/edge_out of neighbours) and states [..., D] -> new states."""
+    gi = (jnp.concatenate([message_in + self.b_iah, message_out + self.b_ioh], -1)
+          @ self.w_ih + self.b_ih)  # [..., 3D]
+    gh = hidden @ self.w_hh + self.b_hh
+    i_r, i_i, i_n = jnp.split(gi, 3, axis=-1)
+    h_r, h_i, h_n = jnp.split(gh, 3, axis=-1)
+    reset = jax.nn.sigmoid(i_r + h_r)
+    update = jax.nn.sigmoid(i_i + h_i)
+    new = jnp.tanh(i_n + reset * h_n)
+    return (1.0 - update) * hidden + update * new
+
+  def __call__(self, a_in: jnp.ndarray, a_out: jnp.ndarray, hidden: jnp.ndarray) -> jnp.ndarray:
+    """One dense step: a_in, a_out [..., N, N]; hidden [..., N, D]."""
+    message_in = jnp.einsum("...ij,...jd->...id", a_in, self.edge_in(hidden))
+    message_out = jnp.einsum("...ij,...jd->...id", a_out, self.edge_out(hidden))
+    return self.cell(message_in, message_out, hidden)
 
 
 class SRGNN(nn.Module):
@@ -125,7 +205,7 @@ class SRGNN(nn.Module):
     self.item_embedding = nn.Embed(
         cfg.num_items + 1, d,
         embedding_init=nn.with_logical_partitioning(init, ("items", "embed")))
-    self.gnn = GatedGNN(d, cfg.num_layers, init)
+    self.gnn = GatedGNN(d, init)
     self.linear_one = Linear(d, ("embed", "mlp"), use_bias=True, kernel_init=init)
     self.linear_two = Linear(d, ("embed", "mlp"), use_bias=True, kernel_init=init)
     self.linear_three = Linear(1, ("mlp", None), use_bias=False, kernel_init=init)
@@ -134,48 +214,50 @@ class SRGNN(nn.Module):
   def item_embeddings(self) -> jnp.ndarray:
     return masked_item_table(self.item_embedding.embedding)  # [V+1, D]
 
-  def _readout(self, inputs, slots, edges, mask, last):
-    # inputs [G, L]; slots [G, L, L]; edges [G, L, L]; mask [G, L]; last [G, L] one-hot
-    a_in, a_out = normalized_adjacency(edges)
-    # Node slot s starts from the embedding of the item at position s.
-    hidden = jnp.take(self.item_embeddings(), inputs, axis=0)  # [G, N=L, D]
-    hidden = self.gnn(a_in, a_out, hidden)
-    seq_hidden = jnp.einsum("gts,gsd->gtd", slots, hidden)  # [G, L, D] each position's node
-    ht = jnp.einsum("gt,gtd->gd", last, seq_hidden)  # [G, D]
-    q1 = self.linear_one(ht)[:, None]  # [G, 1, D]
-    q2 = self.linear_two(seq_hidden)  # [G, L, D]
-    alpha = self.linear_three(jax.nn.sigmoid(q1 + q2))  # [G, L, 1]
-    a = jnp.sum(alpha * seq_hidden * mask[..., None], axis=1)  # [G, D]
-    return self.linear_transform(jnp.concatenate([a, ht], -1))  # [G, D]
+  def _prefix_vectors(self, inputs: jnp.ndarray, prefixes: jnp.ndarray) -> jnp.ndarray:
+    """inputs [B, L], prefixes [P] (last position of each prefix) -> [B, P, D]."""
+    l = inputs.shape[1]
+    nodes = node_ids(inputs)  # [B, L]
+    x = jnp.take(self.item_embeddings(), inputs, axis=0)  # [B, L, D]: node(t) starts as x[t]
+    # First GNN step on the 2L event states.
+    m_in, m_out = event_masks(nodes)  # [B, 2L, T]
+    start = jnp.concatenate([x, jnp.roll(x, 1, axis=1)], axis=1)  # [B, 2L, D]
+    states = self.gnn.cell(
+        jnp.einsum("bkt,btd->bkd", m_in, self.gnn.edge_in(x[:, :-1])),  # from sources
+        jnp.einsum("bkt,btd->bkd", m_out, self.gnn.edge_out(x[:, 1:])),  # to targets
+        start)  # [B, 2L, D]
+    index = state_index(nodes, prefixes)  # [B, P, L]
+    table = states  # [B, S=2L, D], shared by all prefixes
+    if self.config.num_layers > 1:
+      # Node n (slot n) after prefix p, then the remaining steps densely per prefix.
+      table = _gather(table, index)  # [B, P, N, D]: slot n is node n (position n) after p
+      a_in, a_out = normalized_adjacency(prefix_adjacency(nodes, prefixes))  # [B, P, N, N]
+      for _ in range(self.config.num_layers - 1):
+        table = self.gnn(a_in, a_out, table)
+      index = jnp.broadcast_to(jnp.minimum(nodes, l - 1)[:, None], index.shape)
+    return self._readout(table, index, inputs, prefixes)
+
+  def _readout(self, table, index, inputs, prefixes):
+    # table [B, S, D] or [B, P, S, D] node states; index [B, P, L] position t's state in prefix p
+    mask = padding_mask(inputs)[:, None, :] & (jnp.arange(inputs.shape[1])[None, :]
+                                               <= prefixes[:, None])[None]  # [B, P, L]
+    # linear_two on the (fewer) states, then one gather of both: [B, P, L, D] each.
+    both = _gather(jnp.concatenate([table, self.linear_two(table)], -1), index)
+    seq_hidden, q2 = jnp.split(both, 2, axis=-1)
+    last = index[:, jnp.arange(len(prefixes)), prefixes]  # [B, P]: the state of position p
+    ht = _gather(table, last[..., None])[:, :, 0]  # [B, P, D]
+    q1 = self.linear_one(ht)[:, :, None]  # [B, P, 1, D]
+    alpha = self.linear_three(jax.nn.sigmoid(q1 + q2))[..., 0] * mask  # [B, P, L]
+    a = jnp.einsum("bpl,bpld->bpd", alpha, seq_hidden)  # [B, P, D]
+    return self.linear_transform(jnp.concatenate([a, ht], -1))  # [B, P, D]
 
   def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    """[B, L] left-padded -> [B, D]: the graph of the whole sequence."""
     del deterministic
-    l = inputs.shape[1]
-    mask = padding_mask(inputs).astype(jnp.float32)  # [B, L]
-    slots, transitions = session_graph(inputs)
-    edges = (transitions.sum(1) > 0).astype(jnp.float32)  # [B, L, L]
-    last = jnp.broadcast_to(jax.nn.one_hot(l - 1, l), mask.shape)  # left padding: newest last
-    return self._readout(inputs, slots, edges, mask, last)  # [B, D]
+    last = jnp.array([inputs.shape[1] - 1])
+    return self._prefix_vectors(inputs, last)[:, 0]
 
   def encode(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     """[B, L] -> [B, L, D]: position t is the graph of the prefix ending at t."""
     del deterministic
-    b, l = inputs.shape
-    mask = padding_mask(inputs).astype(jnp.float32)  # [B, L]
-    slots, transitions = session_graph(inputs)
-    # Edges of prefix p: transitions t -> t+1 with t + 1 <= p, i.e. a cumulative sum.
-    counts = jnp.cumsum(transitions, axis=1)  # [B, L-1, L, L]: prefix ending at t + 1
-    counts = jnp.concatenate([jnp.zeros_like(counts[:, :1]), counts], axis=1)  # [B, P=L, L, L]
-    edges = (counts > 0).astype(jnp.float32)
-    prefix = jnp.arange(l)
-    prefix_mask = mask[:, None, :] * (prefix[None, :] <= prefix[:, None])[None]  # [B, P, L]
-    last = jnp.broadcast_to(jnp.eye(l), (b, l, l))  # prefix p ends at position p
-
-    def flat(x):  # [B, P, ...] -> [B * P, ...]
-      return x.reshape((b * l,) + x.shape[2:])
-
-    out = self._readout(
-        flat(jnp.broadcast_to(inputs[:, None], (b, l, l))),
-        flat(jnp.broadcast_to(slots[:, None], (b, l, l, l))),
-        flat(edges), flat(prefix_mask), flat(last))
-    return out.reshape(b, l, -1)  # [B, L, D]
+    return self._prefix_vectors(inputs, jnp.arange(inputs.shape[1]))

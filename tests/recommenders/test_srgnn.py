@@ -64,15 +64,44 @@ def test_matches_recbole_port(steps):
 
 
 def test_session_graph_edges():
-  # a b a a c (left-padded): edges a->b, b->a, a->a, a->c; slots are first positions.
+  # a b a a c (left-padded): edges a->b, b->a, a->a, a->c; nodes are first positions.
   x = np.array([[0, 1, 2, 1, 1, 3]])
-  slots, transitions = srgnn.session_graph(x)
-  first = np.asarray(slots[0]).argmax(-1)
-  np.testing.assert_array_equal(first[1:], [1, 2, 1, 1, 5])
-  assert np.asarray(slots[0, 0]).sum() == 0  # padding maps to no node
-  edges = np.asarray(transitions[0].sum(0) > 0)
-  expected = {(1, 2), (2, 1), (1, 1), (1, 5)}
-  assert {tuple(e) for e in np.argwhere(edges)} == expected
-  a_in, a_out = srgnn.normalized_adjacency(edges.astype(np.float32))
+  nodes = np.asarray(srgnn.node_ids(x))[0]
+  np.testing.assert_array_equal(nodes, [6, 1, 2, 1, 1, 5])  # padding: a node of its own
+  np.testing.assert_array_equal(np.asarray(srgnn.new_edges(x * 0 + nodes[None]))[0],
+                                [False, True, True, True, True])
+  edges = np.asarray(srgnn.prefix_adjacency(nodes[None], np.arange(6)))[0]  # [P, N, N]
+  expected = [(1, 2), (2, 1), (1, 1), (1, 5)]
+  for p in range(6):  # prefix p holds the transitions into positions 2..p
+    assert {tuple(e) for e in np.argwhere(edges[p])} == set(expected[:max(p - 1, 0)])
+  a_in, a_out = srgnn.normalized_adjacency(edges[-1])
   np.testing.assert_allclose(np.asarray(a_out)[1, [1, 2, 5]], [1 / 3] * 3)  # a: 3 successors
   np.testing.assert_allclose(np.asarray(a_in)[1, [1, 2]], [0.5, 0.5])  # a: from a and b
+
+
+def test_state_index_reads_each_nodes_latest_event():
+  # Each position's event state must carry its node's rows of the prefix graph's
+  # normalised adjacency, for every prefix: checked against the dense prefix graphs.
+  rng = np.random.default_rng(0)
+  x = rng.integers(1, 4, size=(16, 7))  # few items: repeats, self-loops, revisited edges
+  x[np.arange(7)[None, :] < rng.integers(0, 7, size=(16, 1))] = 0  # left padding
+  nodes = np.asarray(srgnn.node_ids(x))
+  edges = np.asarray(srgnn.prefix_adjacency(nodes, np.arange(7)))  # [B, P, N, N]
+  m_in, m_out = map(np.asarray, srgnn.event_masks(nodes))  # [B, 2L, T]
+  index = np.asarray(srgnn.state_index(nodes, np.arange(7)))  # [B, P, L]
+  for b in range(16):
+    for p in range(7):
+      a_in, a_out = map(np.asarray, srgnn.normalized_adjacency(edges[b, p]))
+      for t in range(p + 1):
+        if x[b, t] == 0:
+          continue
+        n, k = nodes[b, t], index[b, p, t]
+        # The state's in/out averages over transitions equal node n's rows in prefix p.
+        got_in = np.zeros(14)  # padding positions have nodes 7..13, never on an edge
+        got_out = np.zeros(14)
+        for s in range(6):
+          got_in[nodes[b, s]] += m_in[b, k, s]
+          got_out[nodes[b, s + 1]] += m_out[b, k, s]
+        np.testing.assert_allclose(got_in[:7], a_in[n], atol=1e-6)
+        np.testing.assert_allclose(got_out[:7], a_out[n], atol=1e-6)
+        assert not got_in[7:].any() and not got_out[7:].any()
