@@ -40,7 +40,7 @@ from flax import linen as nn
 
 from slim_jax.models.layers import Linear
 
-Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S, K, H]
+Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, K, S, H]
 
 _ROPE_TYPES = ("linear", "llama3")
 
@@ -238,7 +238,7 @@ class Attention(_Block):
 
   @nn.compact
   def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None):
-    """x [B, T, D]; allowed [B, T, S] bool; cache (k, v) [B, S, K, H] or None."""
+    """x [B, T, D]; allowed [B, T, S] bool; cache (k, v) [B, K, S, H] or None."""
     cfg = self.config
     b, t, _ = x.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -246,19 +246,23 @@ class Attention(_Block):
     key = self.dense(k * h, ("embed", "kv_heads"), "k_proj")(x).reshape(b, t, k, h)
     value = self.dense(k * h, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, k, h)
     q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+    # Keys and values heads-first, [B, K, T, H]: each (row, kv head) is one contiguous
+    # [S, H] matrix, so the two attention matmuls read the cache in place (a [B, S, K, H]
+    # cache made XLA:CPU transpose all of it in every decode step).
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
     new_cache = None
     if cache is not None:
       cache_k, cache_v = cache
-      start = (0, cache_index, 0, 0)
+      start = (0, 0, cache_index, 0)
       key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), start)
       value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), start)
-      new_cache = (key, value)  # [B, S, K, H]
+      new_cache = (key, value)  # [B, K, S, H]
     q = q.reshape(b, t, k, n // k, h)  # head n uses kv head n // (N/K), as repeat_kv does
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype),
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, key.astype(q.dtype),
                         preferred_element_type=jnp.float32) / np.sqrt(h)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(q.dtype)).reshape(b, t, n * h)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, value.astype(q.dtype)).reshape(b, t, n * h)
     return self.dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out), new_cache
 
 
@@ -318,7 +322,7 @@ class Llama(nn.Module):
       if positions is None or attention_mask is None or cache_index is None:
         raise ValueError("with a cache, pass positions [B, T], attention_mask [B, S] over "
                          "the cache slots and cache_index")
-      s = cache[0][0].shape[1]
+      s = cache[0][0].shape[2]
       slot = jnp.arange(s)[None, :]  # [1, S]
       query_slot = cache_index + jnp.arange(t)[:, None]  # [T, 1]
       allowed = jnp.asarray(attention_mask).astype(bool)[:, None, :] & (slot <= query_slot)[None]
@@ -354,8 +358,8 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:
-  """An empty KV cache: per layer (k, v) zeros [B, S, K, H]."""
-  shape = (batch, length, config.num_key_value_heads, config.head_dim)
+  """An empty KV cache: per layer (k, v) zeros [B, K, S, H]."""
+  shape = (batch, config.num_key_value_heads, length, config.head_dim)
   return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                for _ in range(config.num_hidden_layers))
 
