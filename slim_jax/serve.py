@@ -14,8 +14,8 @@ with `data: [DONE]`). Errors use OpenAI's body, {"error": {"message", "type", "p
 
 Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread,
 which owns the generator: it waits `batch_window_ms` after each request for another to
-arrive (at most four windows), then decodes up to `max_batch_size` rows in one batched, jitted `Generator.chat`
-call. Sixteen clients therefore cost about one decode, not sixteen.
+arrive (at most ten windows in all), then decodes up to `max_batch_size` rows in one batched,
+jitted `Generator.chat` call. Sixteen clients therefore cost about one decode, not sixteen.
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight finish
 (up to --drain_seconds), then exits.
@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
+MAX_WINDOWS = 10  # a batch waits at most this many batch windows for company
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                "top_logprobs", "response_format", "audio", "modalities")
 
@@ -221,8 +222,10 @@ class Batcher:
     if first is None:
       return None
     jobs, rows = [first], len(first.conversations)
-    # Wait `window_s` after each arrival for the next one, at most 4 windows in all: a burst
-    # of clients whose requests trickle in over a few milliseconds still shares one batch.
+    # Keep gathering while requests keep coming: each arrival extends the wait by one window,
+    # up to MAX_WINDOWS in all. A burst of clients whose requests trickle in (threads parse and
+    # tokenize under the GIL, slowly on a loaded machine) then shares one batch instead of
+    # splitting, where the late rows wait for the whole first batch to finish.
     start = time.monotonic()
     deadline = start + self.window_s
     while rows < self.max_batch_size:
@@ -230,7 +233,7 @@ class Batcher:
         job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
       except queue.Empty:
         break
-      deadline = min(start + 4 * self.window_s, time.monotonic() + self.window_s)
+      deadline = min(start + MAX_WINDOWS * self.window_s, time.monotonic() + self.window_s)
       if job is None:
         self._queue.put(None)  # stop after this batch
         break
@@ -281,7 +284,7 @@ class ChatServer:
   """The HTTP front: validates, tokenizes for limits, queues rows, writes OpenAI bodies."""
 
   def __init__(self, generator, model_name: str, *, host: str = "127.0.0.1", port: int = 0,
-               max_batch_size: int = 16, batch_window_ms: float = 5.0,
+               max_batch_size: int = 16, batch_window_ms: float = 20.0,
                max_seq_len: int = 2048, default_max_tokens: int = 512, sampling_cls=None):
     self.generator = generator
     self.model_name = model_name
@@ -581,17 +584,14 @@ def load_generator(model: str, adapter: str | None, max_batch_size: int, max_seq
     raise FileNotFoundError(f"--model={model} does not exist; give a Hugging Face LLaMA "
                             "folder or a .gguf file")
   config, params, tokenizer = llama.load_pretrained(model)
-  lora, scale = None, 1.0
   if adapter:
-    try:
-      from slim_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise RuntimeError("--adapter: adapter loading needs slim_jax.models.lora, which this "
-                         "checkout does not have") from e
+    from slim_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
     lora, spec = lora_lib.load_peft(adapter)
-    scale = spec.scale
+    # Merged once (W + scale * a @ b): decoding runs the base model's programs, no extra
+    # adapter matmuls per step, and shares compiled code with the base model.
+    params = lora_lib.merge(params, lora, spec.scale)
   generator = generate.Generator(config, params, tokenizer, max_batch_size=max_batch_size,
-                                 max_seq_len=max_seq_len, lora=lora, lora_scale=scale,
+                                 max_seq_len=max_seq_len,
                                  dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
   name = os.path.basename(os.path.normpath(model))
   if name.endswith(".gguf"):
@@ -614,8 +614,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--max_batch_size", type=int, default=16)
   parser.add_argument("--max_seq_len", type=int, default=2048,
                       help="Prompt plus completion tokens per row.")
-  parser.add_argument("--batch_window_ms", type=float, default=5.0,
-                      help="How long the first request of a batch waits for company.")
+  parser.add_argument("--batch_window_ms", type=float, default=20.0,
+                      help="How long a batch waits after each request for the next one "
+                      f"(at most {MAX_WINDOWS} windows in all).")
   parser.add_argument("--default_max_tokens", type=int, default=512,
                       help="Completion length when a request gives no max_tokens.")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

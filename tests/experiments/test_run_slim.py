@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,9 +34,37 @@ def test_bad_flags_stop_before_any_work(tmp_path, flag, message):
   assert not work.exists()  # nothing was written
 
 
+def _users(path) -> list[int]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line)["user_id"] for line in f if line.endswith("\n")]
+
+
+def _kill_during_teacher_stage(work, min_users: int = 3, timeout: float = 900) -> list[int]:
+  """Starts the smoke preset, SIGKILLs its whole process tree once the teacher stage has
+  written `min_users` rationales; returns the users written before the kill."""
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  proc = subprocess.Popen([sys.executable, SCRIPT, f"--workdir={work}", "--preset=smoke"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                          cwd=ROOT, start_new_session=True)
+  teacher = work / "rationales" / "teacher.jsonl"
+  deadline = time.monotonic() + timeout
+  try:
+    while not (teacher.exists() and len(_users(teacher)) >= min_users):
+      assert proc.poll() is None, "the pipeline ended before it could be killed"
+      assert time.monotonic() < deadline, "the teacher stage wrote nothing in time"
+      time.sleep(0.5)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner, the teacher client and the server
+    proc.wait()
+  return _users(teacher)
+
+
 @pytest.mark.slow
-def test_smoke_end_to_end_and_rerun_skips(tmp_path):
+def test_smoke_killed_mid_stage_completes_on_rerun_and_then_skips(tmp_path):
   work = tmp_path / "w"
+  before_kill = _kill_during_teacher_stage(work)
+  assert not (work / "pipeline" / "teacher.json").exists()  # the stage did not finish
+
   first = _run(f"--workdir={work}", "--preset=smoke")
   assert first.returncode == 0, first.stderr[-3000:]
   for rel in ("data/items.jsonl", "rationales/teacher.jsonl", "rationales/student.jsonl",
@@ -42,6 +72,13 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path):
               "embeddings/teacher.npy", "recommend/results.json", "report/results.md",
               "report/results.csv", "report/results.png", "report/interpretability.md"):
     assert (work / rel).exists(), rel
+  # Nothing lost or duplicated: the users written before the kill come first, once each.
+  teacher_users = _users(work / "rationales" / "teacher.jsonl")
+  assert teacher_users[:len(before_kill)] == before_kill
+  assert len(set(teacher_users)) == len(teacher_users)
+  student_users = _users(work / "rationales" / "student.jsonl")
+  assert len(set(student_users)) == len(student_users)
+  assert set(teacher_users) <= set(student_users)  # the student writes for every user
   with open(work / "report" / "results.csv") as f:
     rows = list(csv.DictReader(f))
   variants = {r["variant"] for r in rows}
@@ -50,6 +87,7 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path):
     for key, value in row.items():
       if key.endswith("_mean") or key.endswith("_std"):
         assert 0.0 <= float(value) <= 1.0, (row, key)
+
   second = _run(f"--workdir={work}", "--preset=smoke", timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   record = json.loads((work / "pipeline" / "last_run.json").read_text())
