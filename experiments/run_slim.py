@@ -65,6 +65,7 @@ class Preset:
   dataset: str
   synthetic: dict | None
   teacher_users: int  # 0 = every user
+  max_history: int  # most recent training items in a teacher or student prompt
   teacher_tokens: int
   distill_steps: int
   distill_max_length: int
@@ -83,19 +84,29 @@ class Preset:
 ALL_VARIANTS = ("backbone", "backbone+", "slim-", "slim", "agnostic", "agnostic-step1",
                 "agnostic-step2", "agnostic-step3")
 PRESETS = {
-    "smoke": Preset("synthetic", {"num_users": 32, "num_items": 40, "num_clusters": 4,
-                                  "min_length": 6, "max_length": 10},
-                    0, 24, 2, 448, 24, ("sasrec",), ALL_VARIANTS, (0,), 2, 2, 16, 16, 10,
-                    {"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
-                     "recommend": 120, "report": 5}),
-    "default": Preset("ml-100k", None, 200, 160, 100, 768, 160, ("gru4rec", "sasrec", "srgnn"),
-                      ALL_VARIANTS, (0, 1, 2, 3, 4), 30, 5, 64, 256, 50,
-                      {"prepare": 10, "teacher": 900, "distill": 600, "generate": 3000,
-                       "encode": 120, "recommend": 2400, "report": 10}),
-    "full": Preset("ml-100k", None, 0, 512, 0, 1024, 512, ("gru4rec", "sasrec", "srgnn"),
-                   ALL_VARIANTS, (0, 1, 2, 3, 4), 200, 10, 64, 256, 50,
-                   {"prepare": 10, "teacher": 20000, "distill": 5000, "generate": 20000,
-                    "encode": 300, "recommend": 20000, "report": 10}),
+    "smoke": Preset(
+        dataset="synthetic", synthetic={"num_users": 32, "num_items": 40, "num_clusters": 4,
+                                        "min_length": 6, "max_length": 10},
+        teacher_users=16, max_history=10, teacher_tokens=24, distill_steps=2,
+        distill_max_length=448, student_tokens=24, backbones=("sasrec",),
+        variants=ALL_VARIANTS[:6], seeds=(0,), epochs=2, patience=2, hidden_size=16,
+        batch_size=16, max_len=10,
+        expected={"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
+                  "recommend": 120, "report": 5}),
+    "default": Preset(
+        dataset="ml-100k", synthetic=None, teacher_users=200, max_history=10,
+        teacher_tokens=160, distill_steps=100, distill_max_length=768, student_tokens=160,
+        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
+        epochs=30, patience=5, hidden_size=64, batch_size=256, max_len=50,
+        expected={"prepare": 10, "teacher": 900, "distill": 600, "generate": 3000,
+                  "encode": 120, "recommend": 2400, "report": 10}),
+    "full": Preset(
+        dataset="ml-100k", synthetic=None, teacher_users=0, max_history=50, teacher_tokens=512,
+        distill_steps=0, distill_max_length=1024, student_tokens=512,
+        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
+        epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,
+        expected={"prepare": 10, "teacher": 20000, "distill": 5000, "generate": 20000,
+                  "encode": 300, "recommend": 20000, "report": 10}),
 }
 
 
@@ -234,6 +245,7 @@ def main(argv):
 
   def teacher_stage():
     common = [f"--workdir={w}", f"--dataset={dataset}", f"--num_users={preset.teacher_users}",
+              f"--max_history={preset.max_history}",
               f"--max_tokens={preset.teacher_tokens}", f"--concurrency={GENERATION_BATCH}",
               "--timeout=900"]
     if source_dir:
@@ -259,6 +271,7 @@ def main(argv):
   def generate_stage():
     _py(w, "generate_rationales.py", f"--workdir={w}", f"--student={student}",
         f"--adapter={adapter}", f"--max_new_tokens={preset.student_tokens}",
+        f"--max_history={preset.max_history}",
         f"--batch_size={GENERATION_BATCH}")
 
   def encode_stage():
@@ -292,11 +305,12 @@ def main(argv):
                                                    "synthetic": preset.synthetic}),
       P("teacher", teacher_stage, [data_dir], [teacher_file],
         {"url": FLAGS.teacher_base_url, "model": FLAGS.teacher_model or student,
-         "users": preset.teacher_users, "tokens": preset.teacher_tokens}),
+         "users": preset.teacher_users, "tokens": preset.teacher_tokens,
+         "history": preset.max_history}),
       P("distill", distill_stage, [teacher_file], [adapter],
         {"student": student, "steps": preset.distill_steps, "len": preset.distill_max_length}),
       P("generate", generate_stage, [data_dir, adapter], [student_file],
-        {"student": student, "tokens": preset.student_tokens}),
+        {"student": student, "tokens": preset.student_tokens, "history": preset.max_history}),
       P("encode", encode_stage, [data_dir, teacher_file, student_file],
         [os.path.join(emb, "items.npy"), os.path.join(emb, "student.npy")],
         {"encoder": FLAGS.encoder}),
@@ -308,6 +322,8 @@ def main(argv):
   ]
   for s in stages:
     s.expected_seconds = preset.expected[s.name]
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", stage_env(w)["JAX_COMPILATION_CACHE_DIR"])
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
   runner.run(stages)
   print(f"report: {os.path.join(report_dir, 'results.md')}")
