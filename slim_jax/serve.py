@@ -575,7 +575,7 @@ def _completion_body(model_name: str, completions, prompt_tokens: int) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def load_generator(model: str, adapter: str | None, max_batch_size: int, max_seq_len: int,
-                   dtype: str):
+                   dtype: str, pad_batches: bool = False):
   """(generator, served model name) from a load_pretrained path and an optional adapter."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from slim_jax import generate  # pylint: disable=import-outside-toplevel
@@ -620,12 +620,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--default_max_tokens", type=int, default=512,
                       help="Completion length when a request gives no max_tokens.")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--pad_batches", action="store_true",
+                      help="Pad every batch to --max_batch_size rows: one compiled shape "
+                      "instead of one per power of two (fewer compilations on CPU).")
   parser.add_argument("--drain_seconds", type=float, default=30.0,
                       help="On SIGTERM/SIGINT, how long requests in flight may finish.")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   generator, name = load_generator(args.model, args.adapter, args.max_batch_size,
-                                   args.max_seq_len, args.dtype)
+                                   args.max_seq_len, args.dtype, args.pad_batches)
   server = ChatServer(generator, args.served_model_name or name, host=args.host,
                       port=args.port, max_batch_size=args.max_batch_size,
                       batch_window_ms=args.batch_window_ms, max_seq_len=args.max_seq_len,
