@@ -76,7 +76,8 @@ def main(argv):
   if not todo:
     return
   generator, name = serve.load_generator(FLAGS.student or default_student(), adapter,
-                                         FLAGS.batch_size, FLAGS.max_seq_len, "float32")
+                                         FLAGS.batch_size, FLAGS.max_seq_len, "float32",
+                                         pad_batches=True)
   sampling = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature)
   start = time.perf_counter()
   with rationales.Appender(out) as sink:

@@ -155,7 +155,7 @@ class OwnTeacherServer:
   def __init__(self, model: str, max_tokens: int, workdir: str):
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "slim_jax.serve", "--model", model, "--port", "0",
-         "--max_batch_size", str(GENERATION_BATCH), "--max_seq_len", "1024",
+         "--max_batch_size", str(GENERATION_BATCH), "--pad_batches", "--max_seq_len", "1024",
          "--default_max_tokens", str(max_tokens)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
         env=stage_env(workdir))

@@ -173,8 +173,12 @@ class Generator:
 
   def __init__(self, config: llama.LlamaConfig, params, tokenizer, *, max_batch_size: int = 16,
                max_seq_len: int = 2048, lora=None, lora_scale: float = 1.0,
-               dtype=jnp.float32):
+               dtype=jnp.float32, pad_batches: bool = False):
+    """`pad_batches`: every batch padded to `max_batch_size` rows, so one batch shape
+    compiles instead of one per power of two (worth it when compiling costs more than the
+    padded rows: a CPU run of a few hundred prompts)."""
     self.config = dataclasses.replace(config, dtype=dtype, remat=False)
+    self.pad_batches = pad_batches
     self.tokenizer = tokenizer
     self.max_batch_size = max_batch_size
     self.max_seq_len = max_seq_len
@@ -231,7 +235,8 @@ class Generator:
     """(batch, prompt length, cache length) the programs run at for such a batch."""
     p = bucket(prompt_len)
     decode_steps = -(-(max_new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK
-    return batch_bucket(rows, self.max_batch_size), p, bucket(p + decode_steps)
+    b = self.max_batch_size if self.pad_batches else batch_bucket(rows, self.max_batch_size)
+    return b, p, bucket(p + decode_steps)
 
   def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
                       callback) -> list[Completion]:

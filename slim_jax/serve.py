@@ -591,7 +591,7 @@ def load_generator(model: str, adapter: str | None, max_batch_size: int, max_seq
     # adapter matmuls per step, and shares compiled code with the base model.
     params = lora_lib.merge(params, lora, spec.scale)
   generator = generate.Generator(config, params, tokenizer, max_batch_size=max_batch_size,
-                                 max_seq_len=max_seq_len,
+                                 max_seq_len=max_seq_len, pad_batches=pad_batches,
                                  dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
   name = os.path.basename(os.path.normpath(model))
   if name.endswith(".gguf"):

@@ -80,6 +80,17 @@ def test_no_recompile_within_a_bucket(generator):
   assert sizes2[0] <= sizes[0] + 1 and sizes2[1] <= sizes[1] + 1
 
 
+def test_padded_batches_use_one_batch_shape_and_give_the_same_tokens(tiny, generator):
+  config, params = tiny
+  padded = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128,
+                              pad_batches=True)
+  assert padded.buckets(1, 7, 20)[0] == padded.buckets(3, 7, 20)[0] == 4
+  assert generator.buckets(1, 7, 20)[0] == 1
+  sampling = generate.SamplingParams(max_new_tokens=12)
+  assert ([o.token_ids for o in padded.generate(PROMPTS[:1], sampling)]
+          == [o.token_ids for o in generator.generate(PROMPTS[:1], sampling)])
+
+
 def test_more_prompts_than_the_batch_and_per_row_lengths(tiny, generator):
   config, params = tiny
   prompts = [[10 + i, 20 + i, 30 + i] for i in range(6)]  # 6 rows, max_batch_size 4
