@@ -14,7 +14,8 @@ with `data: [DONE]`). Errors use OpenAI's body, {"error": {"message", "type", "p
 
 Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread,
 which owns the generator: it waits `batch_window_ms` after each request for another to
-arrive (at most ten windows in all), then decodes up to `max_batch_size` rows in one batched,
+arrive (at most ten windows in all, or up to a second while handler threads are still
+parsing requests), then decodes up to `max_batch_size` rows in one batched,
 jitted `Generator.chat` call. Sixteen clients therefore cost about one decode, not sixteen.
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight finish
@@ -24,6 +25,7 @@ Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -40,6 +42,7 @@ from collections.abc import Callable
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 MAX_WINDOWS = 10  # a batch waits at most this many batch windows for company
+MAX_GATHER_S = 1.0  # ... or this long for requests that handlers are still parsing
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                "top_logprobs", "response_format", "audio", "modalities")
 
@@ -196,6 +199,8 @@ class Batcher:
     self._queue: queue.Queue = queue.Queue()
     self._stopping = False
     self._held: _Job | None = None  # did not fit the last batch
+    self._arriving = 0  # requests read and parsed by handlers, not yet submitted
+    self._arriving_lock = threading.Lock()
     self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
     self.batches = 0
     self.rows = 0
@@ -210,6 +215,17 @@ class Batcher:
       raise APIError(503, "the server is shutting down", type_="server_error")
     self._queue.put(job)
     return job
+
+  @contextlib.contextmanager
+  def arriving(self):
+    """Wraps a handler's parsing and `submit`: a gathering batch waits for such requests."""
+    with self._arriving_lock:
+      self._arriving += 1
+    try:
+      yield
+    finally:
+      with self._arriving_lock:
+        self._arriving -= 1
 
   def stop(self) -> None:
     self._stopping = True
@@ -232,6 +248,11 @@ class Batcher:
       try:
         job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
       except queue.Empty:
+        # Handlers still parsing requests (16 clients' chat templates under the GIL take a
+        # while on a loaded machine): wait for them rather than leave them to the next batch.
+        if self._arriving and time.monotonic() < start + MAX_GATHER_S:
+          deadline = time.monotonic() + self.window_s
+          continue
         break
       deadline = min(start + MAX_WINDOWS * self.window_s, time.monotonic() + self.window_s)
       if job is None:
@@ -470,15 +491,20 @@ def _make_handler(server: ChatServer):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep the stream in step
         raise APIError(404, f"unknown path {path}; POST /v1/chat/completions",
                        code="unknown_url")
-      body = self._read_json()
-      if server._draining:
-        raise APIError(503, "the server is shutting down", type_="server_error")
-      request = parse_chat_request(body, server.model_name)
-      job, prompt_tokens = server.prepare(request)
+      with server.batcher.arriving():
+        body = self._read_json()
+        if server._draining:
+          raise APIError(503, "the server is shutting down", type_="server_error")
+        request = parse_chat_request(body, server.model_name)
+        job, prompt_tokens = server.prepare(request)
+        events: queue.Queue = queue.Queue()
+        if request.stream:
+          job.on_text = lambda index, text: events.put((index, text))
+        server.batcher.submit(job)
       if request.stream:
-        self._stream(request, job, prompt_tokens)
+        self._stream(request, job, prompt_tokens, events)
       else:
-        server.batcher.submit(job).done.wait()
+        job.done.wait()
         if job.error is not None:
           raise APIError(500, f"generation failed: {type(job.error).__name__}: {job.error}",
                          type_="server_error")
@@ -489,10 +515,9 @@ def _make_handler(server: ChatServer):
       self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
       self.wfile.flush()
 
-    def _stream(self, request: ChatRequest, job: _Job, prompt_tokens: int) -> None:
-      events: queue.Queue = queue.Queue()
-      job.on_text = lambda index, text: events.put((index, text))
-      server.batcher.submit(job)
+    def _stream(self, request: ChatRequest, job: _Job, prompt_tokens: int,
+                events: queue.Queue) -> None:
+      """Writes a submitted job's text as it arrives in `events` (its `on_text`)."""
       self.send_response(200)
       self.send_header("Content-Type", "text/event-stream")
       self.send_header("Cache-Control", "no-cache")
