@@ -155,9 +155,12 @@ def global_batch(local: dict[str, np.ndarray] | np.ndarray, sharding: NamedShard
 
 def shard_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding | dict) -> dict:
   """A host batch every process holds in full -> global arrays, each process sending only
-  its own rows to its devices (no cross-process traffic)."""
+  its own rows to its devices (no cross-process traffic). jax.Arrays pass through."""
   out = {}
   for k, v in batch.items():
+    if isinstance(v, jax.Array):
+      out[k] = v
+      continue
     s = sharding[k] if isinstance(sharding, dict) else sharding
     rows = local_rows(v.shape[0], s)
     out[k] = jax.make_array_from_process_local_data(s, np.asarray(v)[rows], v.shape)

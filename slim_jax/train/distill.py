@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from slim_jax import sharding
+from slim_jax import distributed, sharding
 from slim_jax.data import rationale_examples as rx
 from slim_jax.models import llama
 from slim_jax.models import lora as lora_lib
@@ -202,7 +202,9 @@ class Distiller:
     return total / max(count, 1.0)
 
   def _put(self, batch: dict) -> dict:
-    return {k: jax.device_put(batch[k], self.batch_shardings[k]) for k in self.batch_shardings}
+    # Every process holds the whole host batch and sends only its own rows to its devices.
+    return distributed.shard_global_batch({k: batch[k] for k in self.batch_shardings},
+                                          self.batch_shardings)
 
 
 class _MeshContext:

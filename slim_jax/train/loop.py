@@ -25,7 +25,7 @@ import optax
 from flax import linen as nn
 from tqdm.auto import tqdm
 
-from slim_jax import sharding
+from slim_jax import distributed, sharding
 from slim_jax.data import sequences
 from slim_jax.data.dataset import SequenceDataset
 from slim_jax.train import state as state_lib
@@ -85,7 +85,7 @@ def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
 
 
 def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
-             num_items: int) -> dict[str, float]:
+             num_items: int, mesh=None) -> dict[str, float]:
   """Mean ranking metrics of `params` over the users of `eval_set` (a sequences.EvalSet)."""
   sampled, full = eval_fns
   arrays = {"inputs": np.asarray(eval_set.inputs, np.int32),
@@ -93,15 +93,21 @@ def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
             "candidates": np.asarray(eval_set.candidates, np.int32)}
   per_example = []
   offset = 0
+  mesh = mesh or sharding.make_mesh("")
   for batch, real in _padded_batches(arrays, batch_size):
+    if mode == "full":
+      batch["targets"] = batch["candidates"][:, 0]
+      batch["exclude"] = np.ones((batch_size, num_items + 1), bool)
+      batch["exclude"][:real] = eval_set.exclude_mask(num_items, offset, offset + real)
+    # Every process holds the whole batch and feeds only its own rows to its devices.
+    batch = distributed.shard_global_batch(batch, {
+        k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()})
     if mode == "sampled":
       result = sampled(params, batch["inputs"], batch["users"], batch["candidates"])
     else:
-      exclude = np.ones((batch_size, num_items + 1), bool)
-      exclude[:real] = eval_set.exclude_mask(num_items, offset, offset + real)
-      result = full(params, batch["inputs"], batch["users"], batch["candidates"][:, 0],
-                    exclude)
-    per_example.append((result, real))
+      result = full(params, batch["inputs"], batch["users"], batch["targets"],
+                    batch["exclude"])
+    per_example.append((distributed.to_host(result), real))
     offset += real
   return {k: float(np.concatenate([np.asarray(r[k])[:real] for r, real in per_example]).mean())
           for k in per_example[0][0]}
@@ -127,11 +133,12 @@ def train_and_evaluate(model: nn.Module, dataset: SequenceDataset, negatives: di
   train_step = steps.make_train_step(model, tx, config.loss, mesh, shardings)
   eval_fns = steps.make_eval_fns(model, mesh, shardings.params)
 
+  batch_shardings = steps.batch_shardings(mesh)
   batcher = sequences.TrainBatcher(dataset, config.max_len, config.batch_size, config.seed)
   valid_set = sequences.eval_set(dataset, "valid", negatives, config.max_len)
   test_set = sequences.eval_set(dataset, "test", negatives, config.max_len)
   eval_kwargs = dict(batch_size=config.eval_batch_size, mode=config.eval_mode,
-                     num_items=dataset.num_items)
+                     num_items=dataset.num_items, mesh=mesh)
 
   best_value, best_epoch, best_valid, bad_epochs = -1.0, -1, {}, 0
   history = []
@@ -146,7 +153,8 @@ def train_and_evaluate(model: nn.Module, dataset: SequenceDataset, negatives: di
       bar = tqdm(total=batcher.num_batches, desc=f"{name} epoch {epoch + 1}",
                  disable=not config.progress, leave=False, dynamic_ncols=True)
       for batch in batcher.epoch(epoch):
-        batch = {key: batch[key] for key in steps.TRAIN_BATCH_RANKS}
+        batch = distributed.shard_global_batch(
+            {key: batch[key] for key in steps.TRAIN_BATCH_RANKS}, batch_shardings)
         state, step_metrics = train_step(state, batch, train_rng)
         losses.append(step_metrics["loss"])
         bar.update(1)
