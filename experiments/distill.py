@@ -32,7 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from slim_jax import distributed  # noqa: E402
+
 FLAGS = flags.FLAGS
+distributed.define_flags()
 flags.DEFINE_string("workdir", None, "Run folder: reads rationales/, writes distill/.")
 flags.DEFINE_string("rationales", None, "Teacher rationale file; default "
                     "<workdir>/rationales/teacher.jsonl.")
@@ -62,13 +65,10 @@ flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every N steps.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_integer("log_every", 10, "Metrics every N steps.")
 flags.DEFINE_integer("seed", 0, "Seed for the adapter init, the split, batch order, dropout.")
-flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=2,fsdp=2,tensor=2; empty: all "
-                    "devices on data.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass.")
 flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
 flags.DEFINE_bool("force", False, "Train again even when the adapter matches the manifest.")
-from slim_jax import distributed  # noqa: E402  (after --mesh: adds the process flags)
 
 OUT_DIR = "distill"
 ADAPTER_DIR = "peft_adapter"

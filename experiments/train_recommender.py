@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from slim_jax import distributed  # noqa: E402
 from slim_jax.data import dataset as dataset_lib  # noqa: E402
 from slim_jax.data import prepare, sequences  # noqa: E402
 from slim_jax.recommenders import backbone  # noqa: E402
@@ -63,9 +64,8 @@ _CORE = flags.DEFINE_integer(
     "ml-100k; 5 otherwise).")
 _SKIP_BAD_LINES = flags.DEFINE_bool("skip_bad_lines", False,
                                     "Count and skip malformed input lines.")
-_MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=8 ('' = all devices on data).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per epoch.")
-from slim_jax import distributed  # noqa: E402,F401  (after --mesh: adds the process flags)
+distributed.define_flags()
 
 FLAGS = flags.FLAGS
 
@@ -112,7 +112,7 @@ def parse_flags() -> Plan:
       loss=_LOSS.value, epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
       learning_rate=_LEARNING_RATE.value, patience=_PATIENCE.value,
       eval_mode=_EVAL_MODE.value, eval_batch_size=_EVAL_BATCH_SIZE.value,
-      max_len=_MAX_LEN.value, mesh=_MESH.value, progress=_PROGRESS.value)
+      max_len=_MAX_LEN.value, mesh=FLAGS.mesh, progress=_PROGRESS.value)
   from slim_jax import sharding  # the mesh must fit the devices before any work
   mesh = sharding.make_mesh(train.mesh)
   loop.check_divisible(train.batch_size, mesh)

@@ -32,16 +32,24 @@ from jax.sharding import Mesh, NamedSharding
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for jax.distributed (e.g. 10.0.0.1:1234). "
-                    "Unset: single process, or read from the cluster environment (TPU "
-                    "slice, SLURM, Open MPI).")
-flags.DEFINE_integer("num_processes", None, "Processes in the job (with "
-                     "--coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
-if "mesh" not in FLAGS:  # experiments/distill.py and train_recommender.py define their own
-  flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=2,fsdp=2,tensor=2; empty: all "
-                      "devices on data.")
+
+
+def define_flags(mesh_help: str = "Device mesh, e.g. data=2,fsdp=2,tensor=2; empty: all "
+                 "devices on data.") -> None:
+  """Adds --coordinator_address, --num_processes, --process_id and --mesh to a script.
+
+  Called by the experiment scripts at import; the library defines no flags itself, so
+  importing it never clashes with a script's own flags.
+  """
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for jax.distributed (e.g. 10.0.0.1:1234). "
+                      "Unset: single process, or read from the cluster environment (TPU "
+                      "slice, SLURM, Open MPI).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the job (with "
+                       "--coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
+  flags.DEFINE_string("mesh", "", mesh_help)
+
 
 # Environment variables that mean "this process is one of a cluster JAX can detect".
 _CLUSTER_ENV = ("MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
