@@ -88,9 +88,9 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   """Next tokens [B] from logits [B, V], per-row temperature/top-k/top-p (0 temp = argmax)."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  def stochastic(_):
-    v = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
+  def truncated(scaled):
+    """`scaled` [B, V] with the tokens outside each row's top-k / top-p set to -inf."""
+    v = scaled.shape[-1]
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
@@ -99,7 +99,14 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
     keep = (before < top_p[:, None]) & (ordered > -jnp.inf)
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+  def stochastic(_):
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
+    # Sorting the vocabulary costs more than the rest of a CPU decode step: only rows that
+    # ask for top-k or top-p pay for it.
+    truncate = jnp.any((top_k > 0) & (top_k < logits.shape[-1])) | jnp.any(top_p < 1.0)
+    masked = jax.lax.cond(truncate, truncated, lambda x: x, scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 

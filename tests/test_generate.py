@@ -139,6 +139,10 @@ def test_sample_respects_top_k_top_p_and_temperature():
   assert set(draw(0.0, 0, 1.0)) == {0}
   sharp = np.bincount(draw(0.25, 0, 1.0), minlength=4) / 4000
   assert sharp[0] > 0.8
+  # Rows that ask for top-k truncate; rows of the same batch that do not, draw from all.
+  mixed_k = jnp.where(jnp.arange(4000) < 2000, 2, 0).astype(jnp.int32)
+  mixed = np.asarray(sample(logits, keys, jnp.ones(4000), mixed_k, jnp.ones(4000)))
+  assert set(mixed[:2000]) == {0, 1} and set(mixed[2000:]) == {0, 1, 2, 3}
 
 
 def test_sampling_is_seeded_per_row(generator):
