@@ -41,6 +41,9 @@ _RELEASE = flags.DEFINE_enum("release", None, ["2014", "2018"],
                              "Amazon release when the folder is ambiguous.")
 _CATEGORY = flags.DEFINE_string("category", None,
                                 "Amazon category when the folder holds several.")
+_MAX_USERS = flags.DEFINE_integer(
+    "max_users", None, "Keep a uniform sample of this many users (drawn with --seed, before "
+    "the k-core filter); default 0: every user.")
 _FORCE = flags.DEFINE_bool("force", False, "Recompute even if the prepared data matches.")
 
 flags.mark_flag_as_required("workdir")
@@ -58,8 +61,8 @@ def main(argv):
         _DATASET.value, _DATA_DIR.value, _WORKDIR.value, core=_CORE.value,
         max_len=_MAX_LEN.value, skip_bad_lines=_SKIP_BAD_LINES.value, seed=_SEED.value,
         num_negatives=_NUM_NEGATIVES.value, release=_RELEASE.value,
-        category=_CATEGORY.value, force=_FORCE.value)
-  except (FileNotFoundError, raw.MalformedLineError) as e:  # the message says what to do
+        category=_CATEGORY.value, max_users=_MAX_USERS.value, force=_FORCE.value)
+  except (FileNotFoundError, ValueError, raw.MalformedLineError) as e:  # the message says what to do
     print(f"prepare_data.py: error: {e}", file=sys.stderr)
     sys.exit(1)
   summary = prepare.load_summary(_WORKDIR.value)

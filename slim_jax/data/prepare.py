@@ -73,9 +73,24 @@ def k_core(users: np.ndarray, items: np.ndarray, core: int,
     rounds += 1
 
 
-def build(data: raw_lib.RawData, core: int = 5, name: str = "",
-          max_len: int = 50) -> tuple[dataset_lib.SequenceDataset, dict]:
-  """Filters, orders and re-indexes raw interactions; returns the dataset and its summary."""
+def sample_users(users: np.ndarray, max_users: int, seed: int) -> np.ndarray:
+  """Mask of the interactions [M] of `max_users` users drawn uniformly (seeded) from those
+  in `users` [M]; all of them when there are no more than `max_users`."""
+  distinct = np.unique(users)
+  if max_users <= 0 or len(distinct) <= max_users:
+    return np.ones(len(users), bool)
+  chosen = np.random.default_rng(seed).choice(distinct, size=max_users, replace=False)
+  return np.isin(users, chosen)
+
+
+def build(data: raw_lib.RawData, core: int = 5, name: str = "", max_len: int = 50,
+          max_users: int = 0, seed: int = DEFAULT_SEED
+          ) -> tuple[dataset_lib.SequenceDataset, dict]:
+  """Filters, orders and re-indexes raw interactions; returns the dataset and its summary.
+
+  `max_users` > 0 keeps a uniform sample of that many users (drawn with `seed`, before the
+  k-core filter, every interaction of the users drawn): a smaller run of the same data.
+  """
   users, items, times = data.log.arrays()  # [M] each, file order
   num_raw = len(users)
   if num_raw == 0:
@@ -92,6 +107,10 @@ def build(data: raw_lib.RawData, core: int = 5, name: str = "",
   first.sort()
   duplicates = num_raw - len(first)
   users, items, times = users[first], items[first], times[first]
+
+  sampled = sample_users(users, max_users, seed)
+  users_before_sample = len(np.unique(users))
+  users, items, times = users[sampled], items[sampled], times[sampled]
 
   keep, rounds = k_core(users, items, core)
   users, items, times = users[keep], items[keep], times[keep]
@@ -151,6 +170,8 @@ def build(data: raw_lib.RawData, core: int = 5, name: str = "",
       "lines_skipped": data.bad_lines.summary(),
       "duplicates_removed": int(duplicates),
       "out_of_order_interactions": out_of_order,
+      "user_sample": ({"max_users": max_users, "from_users": users_before_sample,
+                       "seed": seed} if max_users > 0 else None),
       "core": core,
       "min_user_interactions": max(core, MIN_USER_INTERACTIONS),
       "core_rounds": rounds,
@@ -239,6 +260,7 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
                     seed: int | None = None, num_negatives: int | None = None,
                     release: str | None = None, category: str | None = None,
                     synthetic_config: synthetic.SyntheticConfig | None = None,
+                    max_users: int | None = None,
                     force: bool = False) -> dataset_lib.SequenceDataset:
   """Prepares `dataset_name` into `<workdir>/data/`, or loads it if already prepared.
 
@@ -267,16 +289,18 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
       generated format to read, default 2014).
     category: Amazon category when the folder holds several.
     synthetic_config: generator settings for 'synthetic' (default SyntheticConfig()).
+    max_users: keep a uniform sample of this many users, drawn with `seed` (default 0:
+      every user).
     force: recompute even when the folder matches.
   """
   if dataset_name not in DATASETS:
     raise ValueError(f"--dataset={dataset_name!r} is not one of {DATASETS}")
   for name, value, low in (("core", core, 0), ("max_len", max_len, 1),
-                           ("num_negatives", num_negatives, 1)):
+                           ("num_negatives", num_negatives, 1), ("max_users", max_users, 0)):
     if value is not None and value < low:
       raise ValueError(f"--{name}={value} must be >= {low}")
   requested = {"core": core, "seed": seed, "num_negatives": num_negatives,
-               "release": release, "category": category}
+               "release": release, "category": category, "max_users": max_users}
   out = prepared_dir(workdir)
   existing = None if force else _read_manifest(out)
   options = {**requested, "skip_bad_lines": skip_bad_lines,
@@ -298,11 +322,13 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
   core = DEFAULT_CORE[dataset_name] if core is None else core
   seed = DEFAULT_SEED if seed is None else seed
   num_negatives = DEFAULT_NUM_NEGATIVES if num_negatives is None else num_negatives
+  max_users = max_users or 0
   os.makedirs(out, exist_ok=True)
   manifest_path = os.path.join(out, MANIFEST_FILE)
   if os.path.exists(manifest_path):
     os.remove(manifest_path)  # the outputs below are about to change
-  dataset, summary = build(read(), core=core, name=dataset_name, max_len=max_len)
+  dataset, summary = build(read(), core=core, name=dataset_name, max_len=max_len,
+                           max_users=max_users, seed=seed)
   negatives = sequences.sample_eval_negatives(dataset, num_negatives, seed)
   summary["negatives"] = {"per_user": num_negatives, "seed": seed,
                           "file": sequences.NEGATIVES_FILE}
@@ -310,7 +336,7 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
   sequences.save_negatives(out, negatives)
   dataset_lib.write_json_atomic(os.path.join(out, dataset_lib.SUMMARY_FILE), summary)
   wanted["options"].update(core=core, seed=seed, num_negatives=num_negatives,
-                           skip_bad_lines=skip_bad_lines)
+                           skip_bad_lines=skip_bad_lines, max_users=max_users)
   dataset_lib.write_json_atomic(manifest_path, wanted)  # last: marks the folder complete
   return dataset
 

@@ -91,6 +91,20 @@ def test_everything_filtered_is_an_error():
     prepare.build(_raw([("a", "x", 1), ("a", "y", 2), ("a", "z", 3)]), core=5)
 
 
+def test_user_sample_keeps_whole_histories_of_a_seeded_subset():
+  records = [(f"u{u}", f"i{(u + k) % 7}", k) for u in range(20) for k in range(4)]
+  full, _ = prepare.build(_raw(records), core=0)
+  ds, summary = prepare.build(_raw(records), core=0, max_users=5, seed=3)
+  again, _ = prepare.build(_raw(records), core=0, max_users=5, seed=3)
+  other, _ = prepare.build(_raw(records), core=0, max_users=5, seed=4)
+  assert len(ds.user_raw_ids) == 5 and ds.user_raw_ids == again.user_raw_ids
+  assert ds.user_raw_ids != other.user_raw_ids
+  assert all(len(s) == 4 for s in ds.sequences)  # every interaction of a user drawn
+  assert summary["user_sample"] == {"max_users": 5, "from_users": 20, "seed": 3}
+  everyone, summary = prepare.build(_raw(records), core=0, max_users=50)
+  assert everyone.user_raw_ids == full.user_raw_ids and summary["user_sample"]["from_users"] == 20
+
+
 def _config():
   return synthetic.SyntheticConfig(num_users=150, num_items=150, num_clusters=10,
                                    max_length=20)
@@ -178,6 +192,13 @@ def test_unset_options_reuse_the_existing_preparation(tmp_path, monkeypatch):
   lengths = np.asarray([len(s) for s in ds.sequences])
   assert summary["users_longer_than_max_len"] == int(np.sum(lengths - 1 > 30))
   assert sequences.load_negatives(prepare.prepared_dir(workdir))["test"].shape[1] == 50
+  # A user sample is an option like the others: recorded, and kept by later defaults.
+  prepare.prepare_or_load("synthetic", None, workdir, synthetic_config=config, core=3,
+                          seed=7, num_negatives=50, max_users=40)
+  assert len(prepare.prepare_or_load("synthetic", None, workdir,
+                                     synthetic_config=config).user_raw_ids) <= 40
+  assert calls == [1]
+  calls.clear()
   # An explicit different value rebuilds.
   prepare.prepare_or_load("synthetic", None, workdir, synthetic_config=config, core=5)
   assert calls == [1]
