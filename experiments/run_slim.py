@@ -28,6 +28,7 @@ training). Explicit flags override a preset (e.g. --max_users=0 --seeds=0,1,2,3,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -142,6 +143,20 @@ def _py(workdir: str, script: str, *args: str) -> None:
   cmd = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
   logging.info("running %s", " ".join(cmd))
   subprocess.run(cmd, check=True, env=stage_env(workdir))
+
+
+@contextlib.contextmanager
+def quiet_info_logs():
+  """Orbax logs each checkpoint save and restore at INFO (hundreds of lines for a grid):
+  at the default verbosity only warnings pass while the grid trains; its progress lines
+  are printed. --verbosity=1 or more keeps every log."""
+  level = logging.get_verbosity()
+  if level <= logging.INFO:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
 
 
 def check_endpoint(url: str) -> None:
@@ -294,8 +309,9 @@ def main(argv):
   trained: dict = {}
 
   def recommend_stage():
-    trained["results"], trained["analyses"] = grid.train_grid(
-        w, spec, log=lambda m: print(m, flush=True))
+    with quiet_info_logs():
+      trained["results"], trained["analyses"] = grid.train_grid(
+          w, spec, log=lambda m: print(m, flush=True))
 
   def report_stage():
     if not trained:  # all cached: reads the result.json files
