@@ -100,12 +100,12 @@ PRESETS = {
         expected={"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
                   "recommend": 120, "report": 5}),
     "default": Preset(
-        dataset="ml-100k", synthetic=None, max_users=200, teacher_users=100, max_history=5,
-        teacher_tokens=128, distill_steps=60, distill_max_length=512, student_tokens=96,
+        dataset="ml-100k", synthetic=None, max_users=200, teacher_users=80, max_history=5,
+        teacher_tokens=128, distill_steps=20, distill_max_length=512, student_tokens=96,
         backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2),
         epochs=20, patience=3, hidden_size=64, batch_size=128, max_len=50,
-        expected={"prepare": 5, "teacher": 420, "distill": 250, "generate": 800,
-                  "encode": 40, "recommend": 900, "report": 5}),
+        expected={"prepare": 5, "teacher": 480, "distill": 540, "generate": 720,
+                  "encode": 40, "recommend": 480, "report": 5}),
     "full": Preset(
         dataset="ml-100k", synthetic=None, max_users=0, teacher_users=0, max_history=50, teacher_tokens=512,
         distill_steps=0, distill_max_length=1024, student_tokens=512,
