@@ -118,8 +118,12 @@ def main(argv):
   _write_json(os.path.join(out, "truncation_report.json"), report.to_dict())
   logging.info("distillation data: %s", report.summary())
   if len(examples) < 2:
-    raise app.UsageError(f"{rationales_path}: only {len(examples)} usable example(s) after "
-                         f"truncation ({report.summary()}); raise --max_length")
+    hint = ("raise --max_length" if report.examples_dropped.get("prompt_too_long")
+            or report.examples_truncated else
+            "the teacher's responses are empty: check the teacher model and rerun the teacher "
+            "stage")
+    raise app.UsageError(f"{rationales_path}: only {len(examples)} usable example(s) "
+                         f"({report.summary()}); {hint}")
   train, heldout = rx.split_heldout(examples, FLAGS.heldout_fraction, FLAGS.seed)
 
   boundaries = rx.bucket_boundaries(FLAGS.max_length)

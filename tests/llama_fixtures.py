@@ -14,7 +14,8 @@ def smollm2_gguf() -> str:
 
 
 def write_tiny_llama(out) -> str:
-  """Writes a 2-layer random LlamaForCausalLM (width 64) and SmolLM2's tokenizer to `out`."""
+  """Writes a 2-layer random LlamaForCausalLM (width 64) and SmolLM2's tokenizer to `out`;
+  greedy decoding from it writes text (never a special token), so pipelines get rationales."""
   import torch
   import transformers
   path = smollm2_gguf()
@@ -26,6 +27,13 @@ def write_tiny_llama(out) -> str:
       tie_word_embeddings=True, rope_theta=1e5, bos_token_id=tokenizer.bos_token_id,
       eos_token_id=tokenizer.eos_token_id)
   torch.manual_seed(0)
-  transformers.LlamaForCausalLM(config).save_pretrained(out)
+  model = transformers.LlamaForCausalLM(config)
+  # Tied embeddings: a zero row scores 0, never the top, so greedy decoding writes visible
+  # text instead of EOS or a run of newlines (the pipeline drops empty rationales).
+  silent = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
+            or not tokenizer.decode([i]).strip()]
+  with torch.no_grad():
+    model.model.embed_tokens.weight[silent] = 0.0
+  model.save_pretrained(out)
   tokenizer.save_pretrained(out)
   return str(out)
