@@ -6,6 +6,11 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -314,12 +319,6 @@ def test_shutdown_finishes_requests_in_flight_then_refuses():
 
 # ----------------------------------------------------------------------------- real model
 
-import os  # noqa: E402
-import pathlib  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -404,7 +403,7 @@ def test_cli_with_an_adapter_serves_then_stops_gracefully_on_sigterm(
     assert base_url.startswith("http://127.0.0.1:")
     client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=300)
     name = client.models.list().data[0].id
-    assert name == tiny_llama_dir.name
+    assert name == os.path.basename(tiny_llama_dir)
     adapted = client.chat.completions.create(model=name, messages=messages, max_tokens=8,
                                              temperature=0)
     assert adapted.choices[0].message.content != base.choices[0].message.content
