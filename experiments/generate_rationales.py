@@ -25,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 from slim_jax import serve  # noqa: E402
 from slim_jax.data import dataset as dataset_lib  # noqa: E402
 from slim_jax.data import prepare  # noqa: E402
-from slim_jax.generate import SamplingParams  # noqa: E402
+from slim_jax.generate import SamplingParams, balanced_batch_size  # noqa: E402
 from slim_jax.teacher import prompts, rationales  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run folder: reads data/ and distill/, writes rationales/.")
@@ -34,7 +34,8 @@ flags.DEFINE_string("student", None, "Student weights: a Hugging Face LLaMA fold
 flags.DEFINE_string("adapter", None, "PEFT LoRA folder (default <workdir>/distill/peft_adapter; "
                     "'none' generates with the base model).")
 flags.DEFINE_integer("max_new_tokens", 256, "Most tokens per rationale.")
-flags.DEFINE_integer("batch_size", 8, "Users per generation batch.")
+flags.DEFINE_integer("batch_size", 32, "Most users per generation batch; batches are balanced "
+                     "(200 users at 32 run as 7 batches of 29).")
 flags.DEFINE_integer("max_seq_len", 2048, "Prompt plus rationale tokens per row.")
 flags.DEFINE_integer("max_history", prompts.DEFAULT_MAX_HISTORY, "History items in a prompt.")
 flags.DEFINE_integer("num_users", 0, "Only the first N users (0: every user).")
@@ -75,14 +76,15 @@ def main(argv):
   logging.info("student rationales: %d users, %d already in %s", len(users), len(done), out)
   if not todo:
     return
+  batch_size = balanced_batch_size(len(todo), FLAGS.batch_size)
   generator, name = serve.load_generator(FLAGS.student or default_student(), adapter,
-                                         FLAGS.batch_size, FLAGS.max_seq_len, "float32",
+                                         batch_size, FLAGS.max_seq_len, "float32",
                                          pad_batches=True)
   sampling = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature)
   start = time.perf_counter()
   with rationales.Appender(out) as sink:
-    for i in range(0, len(todo), FLAGS.batch_size):
-      batch = todo[i:i + FLAGS.batch_size]
+    for i in range(0, len(todo), batch_size):
+      batch = todo[i:i + batch_size]
       messages = [prompts.build_messages(data, u, max_history=FLAGS.max_history) for u in batch]
       for u, m, c in zip(batch, messages, generator.chat(messages, sampling)):
         sink.append(rationales.make_record(

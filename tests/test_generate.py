@@ -105,6 +105,19 @@ def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(tiny):
       o.token_ids for o in outs]
 
 
+@pytest.mark.parametrize("n, most, expected", [
+    (200, 32, 29), (64, 32, 32), (65, 32, 22), (5, 32, 5), (1, 1, 1), (7, 2, 2)])
+def test_balanced_batch_size_uses_the_fewest_batches_about_equally_full(n, most, expected):
+  size = generate.balanced_batch_size(n, most)
+  assert size == expected and size <= most
+  assert -(-n // size) == -(-n // most)  # no more batches than at the largest size
+
+
+def test_balanced_batch_size_refuses_empty_input():
+  with pytest.raises(ValueError, match="n >= 1"):
+    generate.balanced_batch_size(0, 8)
+
+
 def test_more_prompts_than_the_batch_and_per_row_lengths(tiny, generator):
   config, params = tiny
   prompts = [[10 + i, 20 + i, 30 + i] for i in range(6)]  # 6 rows, max_batch_size 4
