@@ -65,7 +65,8 @@ def write(results: dict, out_dir: str, *, title: str = "SLIM results",
       g = _gain(results, b, v)
       w.writerow([b, v, len(results[(b, v)])] + [f"{s[m][k]:.6f}" for m in METRICS
                                                  for k in (0, 1)] + ["" if g is None else f"{g:.4f}"])
-  lines = [f"# {title}", "", f"Test metrics, mean ± std over {seeds} seed(s); each held-out "
+  counts = " or ".join(str(n) for n in seeds)  # rows with unequal seed counts list each
+  lines = [f"# {title}", "", f"Test metrics, mean ± std over {counts} seed(s); each held-out "
            "item ranked against 100 sampled negatives. Gain: NDCG@10 of SLIM (or the "
            "ID-agnostic model) relative to backbone+ (for ID-agnostic: the best backbone+).", ""]
   if command:
