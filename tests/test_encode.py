@@ -95,6 +95,24 @@ def test_batching_does_not_change_vectors(tiny_encoder):
   assert np.abs(together[0] - together[1]).max() > 1e-3  # different texts differ
 
 
+def test_chunk_rows_divides_the_batch():
+  assert encode.chunk_rows(64, 128) == 8
+  assert encode.chunk_rows(64, 256) == 4
+  assert encode.chunk_rows(64, 16) == 64  # small batches run in one pass
+  assert encode.chunk_rows(48, 96) == 8  # 10 rows would not divide 48
+  assert encode.chunk_rows(3, 2000) == 1
+  assert encode.chunk_rows(6, 300, chunk_tokens=1024) == 3
+
+
+def test_chunked_batches_give_the_same_vectors(tiny_encoder):
+  texts = SENTENCES[:6]
+  whole, _ = tiny_encoder.encode(texts)
+  chunked = encode.TextEncoder(tiny_encoder.path, batch_size=3, chunk_tokens=8)
+  assert encode.chunk_rows(3, chunked.buckets[0], chunked.chunk_tokens) == 1
+  vectors, _ = chunked.encode(texts)
+  np.testing.assert_allclose(vectors, whole, atol=1e-6)
+
+
 def test_truncation_is_counted(tiny_encoder):
   ids, truncated = tiny_encoder.tokenize(["short text", "word " * 100])
   assert truncated.tolist() == [False, True]
