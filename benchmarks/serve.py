@@ -7,7 +7,8 @@ queue decodes them together. Prints completion tokens per second for both and th
 (the issue's target: concurrent >= 4x sequential); `--out FILE` writes
   {"benchmark": "serve", "rows": [{"case", "unit", "ours", "peer", "ratio"}]}
 with `ours` = concurrent, `peer` = sequential. Both are measured after a warm-up that
-compiles every shape, alternating, and the median of `--repeats` is reported.
+compiles every shape (every request alone, then all together), alternating, and the
+median of `--repeats` is reported.
 
   python benchmarks/serve.py --quick            # SmolLM2-135M, short answers, < 3 minutes
   python benchmarks/serve.py --model=PATH --max_tokens=128 --out=serve.json
@@ -97,8 +98,10 @@ def main(argv=None) -> None:
   with server:
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
                            timeout=3600)
-    # Warm-up: compile the batch-1 and the full-batch shapes.
-    run_requests(client, name, conversations[:1], args.max_tokens, concurrent=False)
+    # Warm-up: compile every shape both ways. Alone, each prompt has its own prefix and
+    # tail buckets, so warming up on one request left the others compiling inside the
+    # timed sequential pass.
+    run_requests(client, name, conversations, args.max_tokens, concurrent=False)
     run_requests(client, name, conversations, args.max_tokens, concurrent=True)
     rates = {"sequential": [], "concurrent": []}
     batches_before = server.batcher.batches
