@@ -38,13 +38,10 @@ A malformed rationale line is an error naming file:line before anything is writt
 
 Batches are built from texts sorted by token length; each batch is padded to the next of a
 few bucket lengths (`bucket_lengths`) and to a full batch (the last, short batch to a power
-of two), so XLA compiles about one program per bucket. Inside the jitted program a batch
-runs through the encoder in chunks of about `CHUNK_TOKENS` tokens (`chunk_rows`, a
-`lax.map` over sub-batches): a [64, 128] batch as eight [8, 128] ones. Each chunk's
-activations ([1024, 1536] for MiniLM's feed-forward, 6 MiB) stay in the CPU's cache between
-the dense layers instead of streaming [8192, 1536] through memory; on the 2-core CPU a
-[64, 128] batch ran about 1.6 times faster. Rows are independent, so the vectors are the
-same.
+of two), so XLA compiles about one program per bucket. On a CPU the jitted program runs a
+batch through the encoder a few rows at a time (slim_jax/row_chunks.py): a [64, 128] batch
+as eight [8, 128] passes whose feed-forward activations stay in cache, about 1.6 times
+faster on 2 cores. Rows are independent, so the vectors are the same.
 """
 
 from __future__ import annotations
@@ -63,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slim_jax import row_chunks
 from slim_jax.data import dataset as dataset_lib
 from slim_jax.models import bert
 
@@ -157,18 +155,6 @@ def bucket_lengths(max_length: int) -> list[int]:
   return out + [max_length]
 
 
-CHUNK_TOKENS = 1024  # tokens (rows x padded length) per encoder pass inside a batch
-
-
-def chunk_rows(rows: int, length: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
-  """Rows per encoder pass for a [rows, length] batch: the largest divisor of rows that is
-  at most chunk_tokens / length (at least 1)."""
-  per_chunk = max(1, min(rows, chunk_tokens // max(length, 1)))
-  while rows % per_chunk:
-    per_chunk -= 1
-  return per_chunk
-
-
 def batch_rows(n: int, batch_size: int) -> int:
   """Rows a batch of n texts is padded to: batch_size, or for the one short last batch the
   next power of two (at most one more compiled shape, far less padding)."""
@@ -203,7 +189,7 @@ class TextEncoder:
 
   def __init__(self, path: str, pooling: str | None = None, normalize: bool | None = None,
                max_length: int | None = None, batch_size: int = 64, dtype: str = "float32",
-               chunk_tokens: int = CHUNK_TOKENS):
+               chunk_tokens: int | None = None):
     self.path = os.path.abspath(os.fspath(path))
     self.config, params, self.tokenizer = bert.load_pretrained(self.path, dtype=dtype)
     self.params = jax.device_put(params)  # once, not on every jitted call
@@ -227,7 +213,7 @@ class TextEncoder:
     if batch_size < 1:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
     self.batch_size = batch_size
-    self.chunk_tokens = chunk_tokens
+    self.chunk_tokens = chunk_tokens or row_chunks.default_chunk_tokens()
     self.dtype = dtype
     self.buckets = bucket_lengths(self.max_length)
     self._forward = jax.jit(self._vectors)
@@ -260,15 +246,10 @@ class TextEncoder:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
   def _vectors(self, params, ids, mask):
-    """[B, D] float32 vectors for ids/mask [B, T], the batch in chunks of `chunk_rows`."""
-    b, t = ids.shape
-    per_chunk = chunk_rows(b, t, self.chunk_tokens)
-    if per_chunk == b:
-      return self._chunk_vectors(params, ids, mask)
-    split = lambda x: x.reshape(b // per_chunk, per_chunk, t)  # noqa: E731
-    vectors = jax.lax.map(lambda chunk: self._chunk_vectors(params, *chunk),
-                          (split(ids), split(mask)))  # [B / per_chunk, per_chunk, D]
-    return vectors.reshape(b, -1)
+    """[B, D] float32 vectors for ids/mask [B, T], a few rows at a time on a CPU."""
+    per_chunk = row_chunks.chunk_rows(*ids.shape, self.chunk_tokens)
+    return row_chunks.map_row_chunks(lambda rows: self._chunk_vectors(params, *rows),
+                                     per_chunk, (ids, mask))
 
   def _chunk_vectors(self, params, ids, mask):
     out = bert.Bert(self.config).apply({"params": params}, ids, attention_mask=mask,

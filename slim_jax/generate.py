@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slim_jax import row_chunks
 from slim_jax.models import llama
 
 DECODE_CHUNK = 8  # decode steps per jitted call: the streaming granularity
@@ -161,8 +162,8 @@ def _next_tokens(eos_ids, pad_id, logits, state):
   return dict(state, generated=generated, done=done, token=token)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _prefill(model, eos_ids, pad_id, cache_len: int, variables, inputs):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _prefill(model, eos_ids, pad_id, chunk_tokens, cache_len: int, variables, inputs):
   """Runs the prompts through the model and samples token 1.
 
   inputs["ids"], ["mask"]: [B, P], left-padded; with inputs["prefix"] [1, L] (tokens every
@@ -186,8 +187,16 @@ def _prefill(model, eos_ids, pad_id, cache_len: int, variables, inputs):
   cache_mask = (jnp.zeros((b, cache_len), bool).at[:, :start].set(True)
                 .at[:, start:start + p].set(mask.astype(bool)))
   positions = start + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-  logits, cache = model.apply(variables, ids, attention_mask=cache_mask, positions=positions,
-                              cache=cache, cache_index=start, last_only=True)
+
+  def run(rows):
+    return model.apply(variables, rows["ids"], attention_mask=rows["cache_mask"],
+                       positions=rows["positions"], cache=rows["cache"], cache_index=start,
+                       last_only=True)
+
+  # A few rows at a time on a CPU (slim_jax/row_chunks.py): rows attend only to themselves.
+  per_chunk = row_chunks.chunk_rows(b, p, chunk_tokens)
+  logits, cache = row_chunks.map_row_chunks(run, per_chunk, dict(
+      ids=ids, cache_mask=cache_mask, positions=positions, cache=cache))
   state = dict(cache=cache, cache_mask=cache_mask, index=jnp.asarray(start + p, jnp.int32),
                position=(start + jnp.sum(mask, axis=-1)).astype(jnp.int32),
                generated=jnp.zeros((b,), jnp.int32), done=inputs["done"],
@@ -232,11 +241,13 @@ class Generator:
 
   def __init__(self, config: llama.LlamaConfig, params, tokenizer, *, max_batch_size: int = 16,
                max_seq_len: int = 2048, lora=None, lora_scale: float = 1.0,
-               dtype=jnp.float32, pad_batches: bool = False, share_prefix: bool = True):
+               dtype=jnp.float32, pad_batches: bool = False, share_prefix: bool = True,
+               prefill_chunk_tokens: int | None = None):
     """`pad_batches`: every batch padded to `max_batch_size` rows, so one batch shape
     compiles instead of one per power of two (worth it when compiling costs more than the
     padded rows: a CPU run of a few hundred prompts). `share_prefix`: prefill the tokens
-    every prompt of a batch starts with once (see the module doc)."""
+    every prompt of a batch starts with once (see the module doc). `prefill_chunk_tokens`:
+    tokens per prefill pass (slim_jax/row_chunks.py; default: chunked on CPU only)."""
     self.config = dataclasses.replace(config, dtype=dtype, remat=False)
     self.pad_batches = pad_batches
     self.share_prefix = share_prefix
@@ -252,7 +263,9 @@ class Generator:
     self.pad_id = next(x for x in (config.pad_token_id, *config.eos_token_ids, 0)
                        if x is not None)
     # Module-level jitted programs: generators of the same model share compiled code.
-    self._prefill = functools.partial(_prefill, self.model, self.eos_ids, self.pad_id)
+    chunk_tokens = prefill_chunk_tokens or row_chunks.default_chunk_tokens()
+    self._prefill = functools.partial(_prefill, self.model, self.eos_ids, self.pad_id,
+                                      chunk_tokens)
     self._decode = functools.partial(_decode, self.model, self.eos_ids, self.pad_id)
 
   # --- host loop -------------------------------------------------------------------

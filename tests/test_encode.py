@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slim_jax import encode
+from slim_jax import encode, row_chunks
 from encode_fixtures import minilm_path, tiny_encoder_folder, fixture_records
 
 # Short and long, upper case, punctuation, non-ASCII, empty, and past the 256-token limit.
@@ -95,20 +95,11 @@ def test_batching_does_not_change_vectors(tiny_encoder):
   assert np.abs(together[0] - together[1]).max() > 1e-3  # different texts differ
 
 
-def test_chunk_rows_divides_the_batch():
-  assert encode.chunk_rows(64, 128) == 8
-  assert encode.chunk_rows(64, 256) == 4
-  assert encode.chunk_rows(64, 16) == 64  # small batches run in one pass
-  assert encode.chunk_rows(48, 96) == 8  # 10 rows would not divide 48
-  assert encode.chunk_rows(3, 2000) == 1
-  assert encode.chunk_rows(6, 300, chunk_tokens=1024) == 3
-
-
 def test_chunked_batches_give_the_same_vectors(tiny_encoder):
   texts = SENTENCES[:6]
   whole, _ = tiny_encoder.encode(texts)
   chunked = encode.TextEncoder(tiny_encoder.path, batch_size=3, chunk_tokens=8)
-  assert encode.chunk_rows(3, chunked.buckets[0], chunked.chunk_tokens) == 1
+  assert row_chunks.chunk_rows(3, chunked.buckets[0], chunked.chunk_tokens) == 1
   vectors, _ = chunked.encode(texts)
   np.testing.assert_allclose(vectors, whole, atol=1e-6)
 

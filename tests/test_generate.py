@@ -62,6 +62,17 @@ def test_greedy_equals_full_recomputation_and_is_batch_invariant(tiny, generator
   assert alone[0].token_ids == outs[1].token_ids
 
 
+def test_prefill_a_few_rows_at_a_time_changes_nothing(tiny, generator):
+  config, params = tiny
+  chunked = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128,
+                               share_prefix=False, prefill_chunk_tokens=16)  # 1 row a pass
+  prompts = PROMPTS + [[20, 21, 22, 23, 24]]
+  sampling = generate.SamplingParams(max_new_tokens=12)
+  whole = generator.generate(prompts, sampling)
+  assert [o.token_ids for o in chunked.generate(prompts, sampling)] == [
+      o.token_ids for o in whole]
+
+
 def test_no_recompile_within_a_bucket(generator):
   sampling = generate.SamplingParams(max_new_tokens=20)
   generator.generate(PROMPTS, sampling)
