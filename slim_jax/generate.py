@@ -12,7 +12,9 @@ row computes what it would alone.
 Rows that share a leading run of tokens (a chat template's system prompt and instructions)
 prefill it once: its keys and values are computed for one row and copied to every row's
 cache slots 0..L-1 (L rounded down to the bucket series, at least MIN_SHARED_PREFIX), and
-each row's own tail follows, left-padded, from slot L.
+each row's own tail follows, left-padded, from slot L. On a CPU the prefill runs a few rows
+at a time inside its program (slim_jax/row_chunks.py): 16 prompts of 512 tokens took 7.1 s
+instead of 10.1 s on 2 cores.
 
 Sampling parameters are per row (a server batches different requests): greedy where
 temperature is 0, else temperature, top-k and top-p, each row with its own seeded key
