@@ -5,10 +5,7 @@ Shapes are bucketed so few programs compile: the batch is padded to a power of t
 `max_batch_size`), the prompt length and the cache length to the next size of the series
 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them). One prefill program per
 (batch, prompt, cache) bucket and one decode program per (batch, cache) bucket; decoding
-never recompiles per step. The cache starts at the bucket of prompt + one decode chunk and
-grows once, to the bucket of prompt + max_new_tokens, when decoding reaches its end: every
-step attends over all cache slots, so the early steps of a long answer read fewer (512
-tokens after a 512-token prompt: 768 slots, then 1024, instead of 1024 throughout). Prompts are left-padded, so every row writes its new token to
+never recompiles per step. Prompts are left-padded, so every row writes its new token to
 the same cache slot; positions count real tokens only (`cumsum(mask) - 1`), so a padded
 row computes what it would alone.
 
@@ -231,18 +228,6 @@ def _decode(model, eos_ids, pad_id, steps: int, variables, state):
   return state, tokens.T, done.T
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _grow_cache(cache_len: int, state):
-  """The decode state with its KV cache [B, K, S, H] and cache mask [B, S] padded with
-  empty slots to S = cache_len (not donated: XLA cannot reuse a smaller buffer)."""
-  def pad(x, axis):
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, cache_len - x.shape[axis])
-    return jnp.pad(x, widths)
-  return dict(state, cache=jax.tree.map(lambda x: pad(x, 2), state["cache"]),
-              cache_mask=pad(state["cache_mask"], 1))
-
-
 # ----------------------------------------------------------------------------- generator
 
 def _cast_floats(tree, dtype):
@@ -355,9 +340,7 @@ class Generator:
         max_new=fill(lambda s: s.max_new_tokens, 1, np.int32))
     if shared:
       inputs["prefix"] = np.asarray(encoded[0][:shared], np.int32)[None]
-    index = shared + p  # the cache slot the next decode step writes
-    size = min(cache_len, bucket(index + DECODE_CHUNK))  # cache slots, until it grows
-    state = self._prefill(size, self.variables, inputs)
+    state = self._prefill(cache_len, self.variables, inputs)
     rows = [_Row(self.tokenizer, sampling[r], self.eos_ids, len(encoded[r])) for r in range(n)]
     first, done = jax.device_get((state["token"], state["done"]))
     self._consume(rows, first[:, None], done[:, None], callback)
@@ -365,10 +348,7 @@ class Generator:
       if any(r.finished and not d for r, d in zip(rows, done)):  # stopped by a stop string
         state["done"] = jnp.asarray(np.asarray(done) | np.asarray(
             [r.finished for r in rows] + [True] * (b - n)))
-      if index + DECODE_CHUNK > size:
-        state, size = _grow_cache(cache_len, state), cache_len
       state, tokens, done_steps = self._decode(DECODE_CHUNK, self.variables, state)
-      index += DECODE_CHUNK
       tokens, done_steps = jax.device_get((tokens, done_steps))
       self._consume(rows, tokens, done_steps, callback)
       done = done_steps[:, -1]
