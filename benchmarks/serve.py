@@ -11,6 +11,7 @@ compiles every shape (every request alone, then all together), alternating, and 
 median of `--repeats` is reported.
 
   python benchmarks/serve.py --quick            # SmolLM2-135M, short answers, < 3 minutes
+  python benchmarks/serve.py                    # 512-token answers, about 10 minutes
   python benchmarks/serve.py --model=PATH --max_tokens=128 --out=serve.json
 """
 
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import openai  # noqa: E402
 
 import _common  # noqa: E402  pylint: disable=wrong-import-position
-from slim_jax import serve  # noqa: E402
+from slim_jax import generate, serve  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
 
 
@@ -47,6 +48,12 @@ def teacher_prompts(count: int, max_history: int) -> list[list[dict]]:
   with tempfile.TemporaryDirectory() as workdir:
     dataset = prepare.prepare_or_load("synthetic", None, workdir)
   return [prompts.build_messages(dataset, u, max_history=max_history) for u in range(count)]
+
+
+def compiled_programs() -> int:
+  """Programs the generator has compiled so far (prefill, decode, cache growth)."""
+  return sum(f._cache_size() for f in (generate._prefill, generate._decode,
+                                        generate._grow_cache))
 
 
 def run_requests(client: openai.OpenAI, model: str, conversations, max_tokens: int,
@@ -76,12 +83,14 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default=None, help="load_pretrained path (default SmolLM2).")
   parser.add_argument("--clients", type=int, default=16)
-  parser.add_argument("--max_tokens", type=int, default=64)
+  parser.add_argument("--max_tokens", type=int, default=512,
+                      help="Completion tokens per request (default: the teacher stage's "
+                      "default answer length, experiments/teacher.py --max_tokens).")
   parser.add_argument("--max_history", type=int, default=10)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--max_seq_len", type=int, default=1024)
   parser.add_argument("--quick", action="store_true",
-                      help="Short answers and histories, two repeats: under three minutes.")
+                      help="Short answers and histories, one repeat: under three minutes.")
   parser.add_argument("--out", default=None, help="Write the result table as JSON here.")
   args = parser.parse_args(argv)
   if args.quick:
@@ -94,7 +103,7 @@ def main(argv=None) -> None:
                                          max_seq_len=args.max_seq_len, dtype="float32")
   conversations = teacher_prompts(args.clients, args.max_history)
   server = serve.ChatServer(generator, name, max_batch_size=args.clients,
-                            batch_window_ms=10, max_seq_len=args.max_seq_len)
+                            max_seq_len=args.max_seq_len)  # the server's default window
   with server:
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
                            timeout=3600)
@@ -103,8 +112,12 @@ def main(argv=None) -> None:
     # timed sequential pass.
     run_requests(client, name, conversations, args.max_tokens, concurrent=False)
     run_requests(client, name, conversations, args.max_tokens, concurrent=True)
+    # The concurrent warm-up may have split into smaller batches (other shapes): compile the
+    # one-batch shapes too, straight through the generator.
+    generator.chat(conversations, sampling=generate.SamplingParams(max_new_tokens=args.max_tokens))
     rates = {"sequential": [], "concurrent": []}
     batches_before = server.batcher.batches
+    programs_before = compiled_programs()
     for _ in range(args.repeats):
       for mode in ("sequential", "concurrent"):
         tokens, seconds = run_requests(client, name, conversations, args.max_tokens,
@@ -113,6 +126,9 @@ def main(argv=None) -> None:
         print(f"  {mode:<10} {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} "
               "tokens/s", flush=True)
     batches = server.batcher.batches - batches_before
+    if compiled_programs() != programs_before:
+      print(f"WARNING: the timed passes compiled {compiled_programs() - programs_before} "
+            "programs: the numbers include compiling", flush=True)
   sequential = statistics.median(rates["sequential"])
   concurrent = statistics.median(rates["concurrent"])
   ratio = concurrent / sequential
@@ -121,7 +137,8 @@ def main(argv=None) -> None:
       f"{args.max_tokens} new tokens", "tokens/s", concurrent, sequential)]
   print(f"\nsequential {sequential:.1f} tokens/s, concurrent {concurrent:.1f} tokens/s: "
         f"{concurrent / sequential:.2f}x (target >= 4x); {batches} generator batches for "
-        f"{args.repeats * args.clients * 2} requests")
+        f"{args.repeats * args.clients * 2} requests (the largest {server.batcher.largest_batch} "
+        "rows)")
   _common.report("serve", rows, args.out)
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ with `data: [DONE]`). Errors use OpenAI's body, {"error": {"message", "type", "p
 
 Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread,
 which owns the generator: it waits `batch_window_ms` after each request for another to
-arrive (at most ten windows in all, or up to a second while handler threads are still
-parsing requests), then decodes up to `max_batch_size` rows in one batched,
+arrive, and while handler threads are still parsing requests (at most a second in all),
+then decodes up to `max_batch_size` rows in one batched,
 jitted `Generator.chat` call. Sixteen clients therefore cost about one decode, not sixteen.
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight finish
@@ -41,8 +41,7 @@ from collections.abc import Callable
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
-MAX_WINDOWS = 10  # a batch waits at most this many batch windows for company
-MAX_GATHER_S = 1.0  # ... or this long for requests that handlers are still parsing
+MAX_GATHER_S = 1.0  # a gathering batch waits at most this long for company
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                "top_logprobs", "response_format", "audio", "modalities")
 
@@ -239,7 +238,7 @@ class Batcher:
       return None
     jobs, rows = [first], len(first.conversations)
     # Keep gathering while requests keep coming: each arrival extends the wait by one window,
-    # up to MAX_WINDOWS in all. A burst of clients whose requests trickle in (threads parse and
+    # up to MAX_GATHER_S in all. A burst of clients whose requests trickle in (threads parse and
     # tokenize under the GIL, slowly on a loaded machine) then shares one batch instead of
     # splitting, where the late rows wait for the whole first batch to finish.
     start = time.monotonic()
@@ -254,7 +253,7 @@ class Batcher:
           deadline = time.monotonic() + self.window_s
           continue
         break
-      deadline = min(start + MAX_WINDOWS * self.window_s, time.monotonic() + self.window_s)
+      deadline = min(start + MAX_GATHER_S, time.monotonic() + self.window_s)
       if job is None:
         self._queue.put(None)  # stop after this batch
         break
@@ -641,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="Prompt plus completion tokens per row.")
   parser.add_argument("--batch_window_ms", type=float, default=20.0,
                       help="How long a batch waits after each request for the next one "
-                      f"(at most {MAX_WINDOWS} windows in all).")
+                      f"(at most {MAX_GATHER_S:g} s in all).")
   parser.add_argument("--default_max_tokens", type=int, default=512,
                       help="Completion length when a request gives no max_tokens.")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

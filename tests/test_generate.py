@@ -5,6 +5,7 @@ streaming, chat and LoRA."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,29 @@ def test_no_recompile_within_a_bucket(generator):
   generator.generate([[8] * 14, [9]], sampling)  # same buckets: no new program
   generator.generate([[7] * 3, [1, 2, 3], [4, 4]], sampling)  # batch bucket 4: seen
   assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes2
-  assert sizes2[0] <= sizes[0] + 1 and sizes2[1] <= sizes[1] + 1
+  # A new batch shape: one prefill program; a decode program per cache size it grows
+  # through (prompt bucket 16, 20 new tokens: 24, 32, 48 slots).
+  assert sizes2[0] <= sizes[0] + 1 and sizes2[1] <= sizes[1] + 3
+
+
+def test_cache_buckets_step_by_a_quarter_between_powers_of_two():
+  assert [generate.cache_bucket(n) for n in (1, 17, 40, 64, 65, 81, 129, 513, 641, 700,
+                                              1000, 1024, 1025)] == [
+      16, 24, 48, 64, 80, 96, 160, 640, 768, 768, 1024, 1024, 1280]
+
+
+def test_the_cache_grows_through_the_buckets_and_changes_no_token(tiny, monkeypatch):
+  config, params = tiny
+  config = dataclasses.replace(config, eos_token_id=None)  # always all 40 tokens
+  gen = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128)
+  grown = []
+  grow = generate._grow_cache
+  monkeypatch.setattr(generate, "_grow_cache",
+                      lambda size, state: grown.append(size) or grow(size, state))
+  prompt = PROMPTS[0]  # 7 tokens: prompt bucket 16, so decoding writes slots 16..55
+  out = gen.generate([prompt], generate.SamplingParams(max_new_tokens=40))[0]
+  assert grown == [32, 48, 64]  # from bucket(16 + 8) = 24 slots to bucket(16 + 40) = 64
+  assert out.token_ids == greedy_reference(config, params, prompt, 40, width=64)
 
 
 def test_padded_batches_use_one_batch_shape_and_give_the_same_tokens(tiny, generator):
@@ -105,7 +128,7 @@ def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(tiny):
   assert generate.shared_prefix_length([common, [1] + common[1:]]) == 0  # first token differs
   sampling = generate.SamplingParams(max_new_tokens=20)
   shared = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128)
-  assert shared.buckets(3, 73, 20, 64) == (4, 16, 128)  # rows keep only their tails
+  assert shared.buckets(3, 73, 20, 64) == (4, 16, 112)  # rows keep only their tails
   outs = shared.generate(prompts, sampling)
   for prompt, out in zip(prompts, outs):
     assert out.token_ids == greedy_reference(config, params, prompt, 20, width=96)
