@@ -2,18 +2,22 @@
 jitted prefill and a jitted chunk of decode steps driven from Python.
 
 Shapes are bucketed so few programs compile: the batch is padded to a power of two (up to
-`max_batch_size`), the prompt length and the cache length to the next size of the series
-16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them). One prefill program per
-(batch, prompt, cache) bucket and one decode program per (batch, cache) bucket; decoding
-never recompiles per step. Every decode step attends over all of its cache slots, and on a
-CPU that read is most of a batched step (SmolLM2, 16 rows: 60, 80, 100 ms per step at 512,
-768, 1024 slots), so the cache starts at the `cache_bucket` of prompt + one decode chunk
-(quarter steps between powers of two: ..., 512, 640, 768, 896, 1024, 1280, ...) and grows
-to the next one whenever decoding reaches its end, up to the bucket of prompt +
-max_new_tokens: a 512-token answer to a 512-token prompt attends over 640, 768, 896, then
-1024 slots instead of 1024 throughout. One decode program per (batch, cache) size. Prompts are left-padded, so every row writes its new token to
-the same cache slot; positions count real tokens only (`cumsum(mask) - 1`), so a padded
-row computes what it would alone.
+`max_batch_size`), the prompt length to the next size of the series 16, 24, 32, 48, 64,
+96, ... (powers of two and 1.5 times them), the KV cache to a `cache_bucket` (the same up
+to 64, then quarter steps between powers of two: ..., 512, 640, 768, 896, 1024, 1280, ...).
+One prefill program per (batch, prompt, cache) bucket and one decode program per (batch,
+cache) bucket; decoding never recompiles per step.
+
+Every decode step reads all of its cache slots (SmolLM2, 16 rows on 2 cores: about 60 ms
+a step at 512 slots, 74 ms at 1024), so the cache starts at the bucket of prompt + one
+decode chunk and grows to the next bucket whenever decoding reaches its end, up to the
+bucket of prompt + max_new_tokens: a 512-token answer to a 512-token prompt reads 640, 768,
+896, then 1024 slots instead of 1024 throughout. Each size is one more decode program, so
+a long-lived server gains and a one-off run pays compiles: `pad_batches` turns growth off.
+
+Prompts are left-padded, so every row writes its new token to the same cache slot;
+positions count real tokens only (`cumsum(mask) - 1`), so a padded row computes what it
+would alone.
 
 Rows that share a leading run of tokens (a chat template's system prompt and instructions)
 prefill it once: its keys and values are computed for one row and copied to every row's
@@ -274,8 +278,10 @@ class Generator:
                dtype=jnp.float32, pad_batches: bool = False, share_prefix: bool = True,
                prefill_chunk_tokens: int | None = None):
     """`pad_batches`: every batch padded to `max_batch_size` rows, so one batch shape
-    compiles instead of one per power of two (worth it when compiling costs more than the
-    padded rows: a CPU run of a few hundred prompts). `share_prefix`: prefill the tokens
+    compiles instead of one per power of two, and the KV cache starts at its final size
+    instead of growing (each size is a decode program, about 3.6 s to compile for SmolLM2
+    on 2 cores): worth it when compiling costs more than the padded rows and slots, as in a
+    CPU run of a few hundred prompts. `share_prefix`: prefill the tokens
     every prompt of a batch starts with once (see the module doc). `prefill_chunk_tokens`:
     tokens per prefill pass (slim_jax/row_chunks.py; default: chunked on CPU only)."""
     self.config = dataclasses.replace(config, dtype=dtype, remat=False)
@@ -369,7 +375,8 @@ class Generator:
     if shared:
       inputs["prefix"] = np.asarray(encoded[0][:shared], np.int32)[None]
     index = shared + p  # the cache slot the next decode step writes
-    size = min(cache_len, cache_bucket(index + DECODE_CHUNK))  # slots until it next grows
+    # Slots until the cache next grows; with `pad_batches` (fewest programs) never.
+    size = cache_len if self.pad_batches else min(cache_len, cache_bucket(index + DECODE_CHUNK))
     state = self._prefill(size, self.variables, inputs)
     rows = [_Row(self.tokenizer, sampling[r], self.eos_ids, len(encoded[r])) for r in range(n)]
     first, done = jax.device_get((state["token"], state["done"]))

@@ -14,8 +14,8 @@ with `data: [DONE]`). Errors use OpenAI's body, {"error": {"message", "type", "p
 
 Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread,
 which owns the generator: it waits `batch_window_ms` after each request for another to
-arrive, and while handler threads are still parsing requests (at most a second in all),
-then decodes up to `max_batch_size` rows in one batched,
+arrive, and while handler threads are still parsing requests (at most a second or ten
+windows in all, whichever is longer), then decodes up to `max_batch_size` rows in one batched,
 jitted `Generator.chat` call. Sixteen clients therefore cost about one decode, not sixteen.
 
 Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight finish
@@ -41,7 +41,8 @@ from collections.abc import Callable
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
-MAX_GATHER_S = 1.0  # a gathering batch waits at most this long for company
+MAX_GATHER_S = 1.0  # a gathering batch waits at most this long for company,
+MAX_WINDOWS = 10  # ... or this many batch windows when they are longer
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                "top_logprobs", "response_format", "audio", "modalities")
 
@@ -195,6 +196,7 @@ class Batcher:
     self.generator = generator
     self.max_batch_size = max_batch_size
     self.window_s = window_s
+    self.max_gather_s = max(MAX_GATHER_S, MAX_WINDOWS * window_s)
     self._queue: queue.Queue = queue.Queue()
     self._stopping = False
     self._held: _Job | None = None  # did not fit the last batch
@@ -238,7 +240,7 @@ class Batcher:
       return None
     jobs, rows = [first], len(first.conversations)
     # Keep gathering while requests keep coming: each arrival extends the wait by one window,
-    # up to MAX_GATHER_S in all. A burst of clients whose requests trickle in (threads parse and
+    # up to max_gather_s in all. A burst of clients whose requests trickle in (threads parse and
     # tokenize under the GIL, slowly on a loaded machine) then shares one batch instead of
     # splitting, where the late rows wait for the whole first batch to finish.
     start = time.monotonic()
@@ -249,11 +251,11 @@ class Batcher:
       except queue.Empty:
         # Handlers still parsing requests (16 clients' chat templates under the GIL take a
         # while on a loaded machine): wait for them rather than leave them to the next batch.
-        if self._arriving and time.monotonic() < start + MAX_GATHER_S:
+        if self._arriving and time.monotonic() < start + self.max_gather_s:
           deadline = time.monotonic() + self.window_s
           continue
         break
-      deadline = min(start + MAX_GATHER_S, time.monotonic() + self.window_s)
+      deadline = min(start + self.max_gather_s, time.monotonic() + self.window_s)
       if job is None:
         self._queue.put(None)  # stop after this batch
         break
@@ -640,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="Prompt plus completion tokens per row.")
   parser.add_argument("--batch_window_ms", type=float, default=20.0,
                       help="How long a batch waits after each request for the next one "
-                      f"(at most {MAX_GATHER_S:g} s in all).")
+                      f"(at most {MAX_GATHER_S:g} s or {MAX_WINDOWS} windows in all, "
+                      "whichever is longer).")
   parser.add_argument("--default_max_tokens", type=int, default=512,
                       help="Completion length when a request gives no max_tokens.")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

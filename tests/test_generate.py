@@ -119,6 +119,16 @@ def test_padded_batches_use_one_batch_shape_and_give_the_same_tokens(tiny, gener
           == [o.token_ids for o in generator.generate(PROMPTS[:1], sampling)])
 
 
+def test_padded_batches_keep_one_cache_size(tiny, monkeypatch):
+  config, params = tiny
+  config = dataclasses.replace(config, eos_token_id=None)
+  padded = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128,
+                              pad_batches=True)
+  monkeypatch.setattr(generate, "_grow_cache", lambda *a: pytest.fail("the cache grew"))
+  out = padded.generate(PROMPTS[:1], generate.SamplingParams(max_new_tokens=40))[0]
+  assert out.completion_tokens == 40
+
+
 def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(tiny):
   config, params = tiny
   common = [int(x) for x in np.random.default_rng(0).integers(3, 97, 70)]
