@@ -4,7 +4,8 @@ Each benchmark measures its cases for the project ("ours") and for a PyTorch pee
 same run: alternating, after warm-up, the median of several repeats. It prints a table
 and, with `--out FILE`, writes the same rows as JSON:
 
-  {"benchmark": name, "rows": [{"case", "unit", "ours", "peer", "ratio"}, ...]}
+  {"benchmark": name, "rows": [{"case", "unit", "ours", "peer", "ratio"}, ...],
+   "details": {...}}   (optional: what a row alone cannot say, e.g. epochs of a fit)
 
 `ratio > 1` means the project is better: peer / ours for costs (seconds, bytes), ours /
 peer for rates (items per second). `--quick` selects a reduced size that runs in under
@@ -90,9 +91,12 @@ def format_table(name: str, rows: Sequence[Row]) -> str:
   return "\n".join(lines)
 
 
-def report(name: str, rows: Sequence[Row], out: str | None = None) -> dict:
+def report(name: str, rows: Sequence[Row], out: str | None = None,
+           details: dict | None = None) -> dict:
   """Prints the table; writes the JSON (atomically) when `out` is given; returns it."""
   result = {"benchmark": name, "rows": [dataclasses.asdict(r) for r in rows]}
+  if details:
+    result["details"] = details
   print(format_table(name, rows))
   if out:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -156,8 +156,9 @@ def peer_problem(python: str) -> str | None:
   return None
 
 
-def bench_model(name: str, args, data_dir: str, dataset: str,
-                workdir: str) -> list[_common.Row]:
+def bench_model(name: str, args, data_dir: str, dataset: str, workdir: str,
+                details: dict) -> list[_common.Row]:
+  """The rows of one backbone; its setup and fit results go into `details[name]`."""
   setup = dict(model=name, epochs=args.epochs, patience=args.patience)
   ours = _worker.Worker([sys.executable, os.path.abspath(__file__), "--worker"],
                         log_path=os.path.join(workdir, f"{name}_ours.log"))
@@ -170,6 +171,7 @@ def bench_model(name: str, args, data_dir: str, dataset: str,
     info_peer = peer.call("setup", data_path=os.path.dirname(data_dir), dataset=dataset,
                           **setup)
     print(f"{name}: ours {info_ours}\n{name}: recbole {info_peer}", flush=True)
+    details[name] = {"ours": {"setup": info_ours}, "recbole": {"setup": info_peer}}
     n = info_ours["train_examples"]
     users = info_ours["users"]
     epoch = _common.alternate(lambda: ours.call("epoch"), lambda: peer.call("epoch"),
@@ -182,6 +184,7 @@ def bench_model(name: str, args, data_dir: str, dataset: str,
     if not args.skip_fit:
       fit_ours, fit_peer = ours.call("fit"), peer.call("fit")
       print(f"{name}: ours fit {fit_ours}\n{name}: recbole fit {fit_peer}", flush=True)
+      details[name]["ours"]["fit"], details[name]["recbole"]["fit"] = fit_ours, fit_peer
       label = f"patience {args.patience}, at most {args.epochs} epochs"
       rows += [
           _common.Row.cost(f"{name}: time to best valid NDCG@10 ({label})", "s",
@@ -229,10 +232,10 @@ def main():
   data_dir, dataset = (subset_ml100k(source, os.path.join(workdir, "data_src"), args.users)
                        if args.users else (source, "ml-100k"))
   print(f"logs and data in {workdir}", flush=True)
-  rows = []
+  rows, details = [], {"cpus": len(os.sched_getaffinity(0)), "users": args.users or "all"}
   for name in models:
-    rows += bench_model(name, args, data_dir, dataset, workdir)
-  _common.report("recommenders", rows, args.out)
+    rows += bench_model(name, args, data_dir, dataset, workdir, details)
+  _common.report("recommenders", rows, args.out, details)
 
 
 def _extra_flags():
