@@ -54,11 +54,13 @@ class Worker:
   """The driver's handle on one worker process."""
 
   def __init__(self, command: Sequence[str], *, log_path: str | None = None,
-               cwd: str | None = None):
+               cwd: str | None = None, env: dict[str, str] | None = None):
+    """`env`: variables added to this process's environment for the worker."""
     self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
     self.command = list(command)
     self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self._log, text=True, bufsize=1, cwd=cwd)
+                                 stderr=self._log, text=True, bufsize=1, cwd=cwd,
+                                 env={**os.environ, **(env or {})})
 
   def call(self, op: str, **kwargs) -> dict:
     self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")

@@ -23,7 +23,7 @@ _spec.loader.exec_module(recommenders)
 def test_worker_round_trip_and_errors(tmp_path):
   script = tmp_path / "echo_worker.py"
   script.write_text(textwrap.dedent(f"""
-      import sys
+      import os, sys
       sys.path.insert(0, {os.path.abspath(_BENCH)!r})
       import _worker
       def add(a, b):
@@ -31,11 +31,16 @@ def test_worker_round_trip_and_errors(tmp_path):
         return {{"sum": a + b}}
       def boom():
         raise ValueError("bad")
-      _worker.serve({{"add": add, "boom": boom}})
+      def env(name):
+        return {{"value": os.environ.get(name)}}
+      _worker.serve({{"add": add, "boom": boom, "env": env}})
   """))
-  w = _worker.Worker([sys.executable, str(script)], log_path=str(tmp_path / "log"))
+  w = _worker.Worker([sys.executable, str(script)], log_path=str(tmp_path / "log"),
+                     env=recommenders.MALLOC_ENV)
   try:
     assert w.call("add", a=2, b=3) == {"sum": 5}
+    assert w.call("env", name="MALLOC_MMAP_THRESHOLD_") == {"value": str(2**30)}
+    assert w.call("env", name="PATH")["value"] == os.environ["PATH"]  # added, not replaced
     with pytest.raises(_worker.WorkerError, match="ValueError: bad"):
       w.call("boom")
     assert w.call("peak_rss")["bytes"] > 0
