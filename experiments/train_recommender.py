@@ -58,7 +58,7 @@ _DROPOUT = flags.DEFINE_float("dropout", None,
                               "Dropout (default per model: 0.3, 0.5, 0 as RecBole 1.2.1).")
 _EVAL_MODE = flags.DEFINE_enum("eval_mode", "sampled", list(loop.EVAL_MODES),
                                "sampled: 100 stored negatives (the paper); full: all items.")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 512, "Users per scoring batch.")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 256, "Users per scoring batch.")
 _CORE = flags.DEFINE_integer(
     "core", None, "k-core filter (default: 0 for ml-100k, like RecBole's unfiltered "
     "ml-100k; 5 otherwise).")

@@ -96,14 +96,16 @@ class GRU4Rec(nn.Module):
   def item_embeddings(self) -> jnp.ndarray:
     return masked_item_table(self.item_embedding.embedding)  # [V+1, D]
 
-  def encode(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+  def _hidden_states(self, inputs: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
     mask = padding_mask(inputs)  # [B, L]
     x = jnp.take(self.item_embeddings(), inputs, axis=0)  # [B, L, D]
     x = self.emb_dropout(x, deterministic=deterministic)
     for layer in self.gru:
       x = layer(x, mask)  # [B, L, H]
-    x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    return self.dense(x)  # [B, L, D]
+    return nn.with_logical_constraint(x, ("batch", "length", "mlp"))
+
+  def encode(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    return self.dense(self._hidden_states(inputs, deterministic))  # [B, L, D]
 
   def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
-    return self.encode(inputs, deterministic)[:, -1]  # [B, D]
+    return self.dense(self._hidden_states(inputs, deterministic)[:, -1])  # [B, D]

@@ -57,22 +57,29 @@ class SASRecBlock(nn.Module):
   config: SASRecConfig
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, bias: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
-    # x [B, L, D], bias [B, 1, L, L] additive attention mask
+  def __call__(self, x: jnp.ndarray, bias: jnp.ndarray, deterministic: bool,
+               last_only: bool = False) -> jnp.ndarray:
+    # x [B, L, D], bias [B, 1, L, L] additive attention mask -> [B, T, D], T = L; with
+    # last_only T = 1: only the last position's output (its query, residual and
+    # feed-forward), the same numbers for the price of the keys and values
     cfg = self.config
     n = cfg.num_heads
     b, l, d = x.shape
     h = d // n
 
-    def proj(name):
-      y = Linear(d, ("embed", "heads"), use_bias=True, kernel_init=_NORMAL, name=name)(x)
-      return y.reshape(b, l, n, h)  # [B, L, N, H]
+    def proj(name, inputs):
+      y = Linear(d, ("embed", "heads"), use_bias=True, kernel_init=_NORMAL, name=name)(inputs)
+      return y.reshape(b, inputs.shape[1], n, h)  # [B, T or L, N, H]
 
-    q, k, v = proj("query"), proj("key"), proj("value")
+    k, v = proj("key", x), proj("value", x)  # [B, L, N, H]
+    if last_only:
+      x, bias = x[:, -1:], bias[:, :, -1:]  # [B, 1, D], [B, 1, 1, L]
+    q = proj("query", x)  # [B, T, N, H]
+    t = x.shape[1]
     scores = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(jnp.float32(h)) + bias
     probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S]
     probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(b, l, d)
+    context = jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, d)
     y = Linear(d, ("heads", "embed"), use_bias=True, kernel_init=_NORMAL, name="attn_out")(context)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = _layer_norm(cfg.layer_norm_eps, "attn_norm")(y + x)
@@ -106,7 +113,9 @@ class SASRec(nn.Module):
   def item_embeddings(self) -> jnp.ndarray:
     return masked_item_table(self.item_embedding.embedding)  # [V+1, D]
 
-  def encode(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+  def encode(self, inputs: jnp.ndarray, deterministic: bool = True,
+             last_only: bool = False) -> jnp.ndarray:
+    # inputs [B, L] -> [B, L, D]; last_only: [B, 1, D], the last position's output
     if inputs.shape[1] > self.config.max_len:
       raise ValueError(f"SASRec: sequences of length {inputs.shape[1]} exceed max_len "
                        f"{self.config.max_len} (the position table's size)")
@@ -118,9 +127,10 @@ class SASRec(nn.Module):
     causal = jnp.tril(jnp.ones((l, l), bool))  # [T, S]
     allowed = causal[None, None] & mask[:, None, None, :]  # [B, 1, T, S]
     bias = jnp.where(allowed, 0.0, -10000.0).astype(x.dtype)
-    for block in self.blocks:
-      x = block(x, bias, deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B, L, D]
+    for i, block in enumerate(self.blocks):
+      x = block(x, bias, deterministic, last_only=last_only and i == len(self.blocks) - 1)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B, L or 1, D]
 
   def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
-    return self.encode(inputs, deterministic)[:, -1]  # [B, D]
+    # The last block computes the last position only: about 40% less work for scoring.
+    return self.encode(inputs, deterministic, last_only=True)[:, 0]  # [B, D]

@@ -44,7 +44,8 @@ class TrainConfig:
   learning_rate: float = 1e-3
   patience: int = 10  # epochs without a better valid NDCG@10 before stopping
   eval_mode: str = "sampled"
-  eval_batch_size: int = 512
+  # Users per scoring batch. 2 CPU cores, ml-100k: GRU4Rec 0.054 s at 256, 0.098 s at 512.
+  eval_batch_size: int = 256
   max_len: int = 50
   seed: int = 0
   mesh: str = ""  # slim_jax/sharding.py spec; '' = all devices data-parallel
