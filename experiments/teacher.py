@@ -155,10 +155,10 @@ def count_tokens_fn():
   if not FLAGS.tokenizer:
     return (lambda text: max(1, round(len(text) / 4))), "estimated at 4 characters per token"
   import transformers  # pylint: disable=import-outside-toplevel
+  from slim_jax.convert import gguf_llama  # pylint: disable=import-outside-toplevel
   path = FLAGS.tokenizer
   if path.endswith(".gguf"):
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                                     gguf_file=os.path.basename(path))
+    tok = gguf_llama.load_tokenizer(path)
   else:
     tok = transformers.AutoTokenizer.from_pretrained(path)
   def count(text):

@@ -6,8 +6,8 @@ reverse of the GGUF shape, i.e. torch's [out, in]. llama.cpp's converter permute
 of q and k (per head, interleaving the two rotary halves); `unpermute` undoes it so the
 weights are the Hugging Face ones. Tensors are then renamed to Hugging Face keys and go
 through the one conversion table of llama_hf.py. The config comes from the `llama.*`
-metadata, the tokenizer from transformers (`AutoTokenizer(..., gguf_file=...)`), which
-reads the vocabulary, merges and chat template stored in the file.
+metadata, the tokenizer from the `tokenizer.*` metadata (vocabulary, merges, special
+tokens, chat template) through transformers' GGUF tokenizer builders, without torch.
 """
 
 from __future__ import annotations
@@ -154,22 +154,62 @@ def _tokenizer_cache_dir(path: str) -> str | None:
   return os.path.join(root, "gguf_tokenizers", key.hexdigest()[:24])
 
 
-def load_tokenizer(path: str):
-  """transformers' tokenizer from the GGUF metadata (vocabulary, merges, chat template).
+def build_tokenizer(reader, path: str):
+  """transformers' fast tokenizer from a GGUF file's `tokenizer.*` metadata, without torch.
 
-  Building it from the GGUF takes ~10 s, so the result is saved once under
+  transformers' own GGUF path (`AutoTokenizer(..., gguf_file=)`) reads the file with a
+  reader that imports torch; here the `gguf` package reads the metadata and transformers'
+  GGUF tokenizer builders (`integrations/gguf/gguf_tokenizer_mapping.py`, which need only
+  `tokenizers`) turn it into the same tokenizer: vocabulary, merges, control and
+  user-defined tokens, pre-tokenizer split, BOS/EOS/UNK/pad and the chat template. Those
+  builders are not a public API, so requirements.txt pins transformers to the tested
+  minor release (BUILD.md).
+  """
+  import transformers  # pylint: disable=import-outside-toplevel
+  from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping  # pylint: disable=import-outside-toplevel
+  groups = {}
+  for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items():
+    groups[group] = {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                     if f"tokenizer.{key}" in reader.fields}
+  tokenizer_dict, config = groups["tokenizer"], groups["tokenizer_config"]
+  tokens = tokenizer_dict.get("tokens")
+  if not tokens:
+    raise ValueError(f"{path}: metadata key tokenizer.ggml.tokens is missing or empty; the file "
+                     "has no vocabulary to build a tokenizer from")
+  if tokenizer_dict.get("tokenizer_type") == "llama":
+    config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece files
+  for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                    ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    token_id = _field(reader, f"tokenizer.ggml.{key}")
+    if token_id is not None and not 0 <= int(token_id) < len(tokens):
+      raise ValueError(f"{path}: tokenizer.ggml.{key}={token_id} is outside the vocabulary "
+                       f"of {len(tokens)} tokens")
+    config[name] = tokens[int(token_id)] if token_id is not None else None
+  architecture = _field(reader, "general.architecture")
+  try:
+    backend, extra = mapping.convert_gguf_tokenizer(architecture, tokenizer_dict)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
+def load_tokenizer(path: str, reader=None):
+  """The tokenizer of a GGUF file (build_tokenizer), cached.
+
+  Building it from the GGUF takes a few seconds, so the result is saved once under
   $SLIM_JAX_CACHE (default ~/.cache/slim_jax; empty string: no cache), keyed by the file's
   path, size and modification time, and later loads read that folder.
   """
   import transformers  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such GGUF file")
   cache = _tokenizer_cache_dir(path)
   if cache and os.path.exists(os.path.join(cache, "tokenizer_config.json")):
     try:
       return transformers.AutoTokenizer.from_pretrained(cache)
     except Exception:  # pylint: disable=broad-except
       pass  # a damaged cache entry: rebuild it below
-  folder, name = os.path.split(os.path.abspath(path))
-  tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  tokenizer = build_tokenizer(reader if reader is not None else _reader(path), path)
   if cache:
     try:
       os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -196,4 +236,4 @@ def load_gguf(path: str, param_dtype=None) -> tuple[Any, dict, Any]:
   tensors = read_tensors(reader, path, config)
   params = llama_hf.tensors_to_params(config, tensors, source=path, param_dtype=param_dtype)
   has_tokenizer = _field(reader, "tokenizer.ggml.model") is not None
-  return config, params, load_tokenizer(path) if has_tokenizer else None
+  return config, params, load_tokenizer(path, reader) if has_tokenizer else None
