@@ -92,6 +92,8 @@ def _write_json(path: str, value) -> None:
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(logging.get_verbosity())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
@@ -178,7 +180,11 @@ def main(argv):
              "adapter": adapter_dir}
   _write_json(os.path.join(out, "summary.json"), summary)
   _write_json(manifest_path, manifest)
-  print(json.dumps(summary, indent=2, default=str))
+  nll = ("no held-out examples" if result.final_heldout_nll is None else
+         f"held-out NLL {result.initial_heldout_nll or float('nan'):.4f} -> "
+         f"{result.final_heldout_nll:.4f}")
+  print(f"distilled {result.final_step} steps ({nll}); adapter in {adapter_dir}, "
+        f"summary in {os.path.join(out, 'summary.json')}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ encoded with this encoder, and rewrite only outputs whose texts changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -55,6 +54,8 @@ def default_encoder() -> str:
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(flags.FLAGS.verbosity)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
@@ -71,8 +72,7 @@ def main(argv):
   except (FileNotFoundError, ValueError, KeyError) as e:  # the message says what to do
     print(f"encode.py: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(json.dumps(summary, indent=2))
-  print(f"encoded {summary['encoded']} new texts; embeddings in "
+  print(f"encoded {summary['encoded']} new texts; embeddings and manifest.json in "
         f"{_WORKDIR.value}/{encode.EMBEDDINGS_DIR}")
 
 

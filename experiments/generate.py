@@ -107,6 +107,8 @@ def done_ids(path: str) -> set[str]:
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(logging.get_verbosity())
   del argv
   if not FLAGS.prompts or not FLAGS.output:
     raise app.UsageError("--prompts and --output are required")

@@ -53,6 +53,8 @@ def default_student() -> str:
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(logging.get_verbosity())
   del argv
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")

@@ -35,6 +35,8 @@ flags.DEFINE_bool("json", False, "Print JSON instead of the table.")
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(flags.FLAGS.verbosity)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   unknown = [d for d in FLAGS.devices if d not in mp.DEVICES]

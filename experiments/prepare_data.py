@@ -50,6 +50,8 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(flags.FLAGS.verbosity)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DATASET.value == "amazon" and not _DATA_DIR.value:

@@ -28,7 +28,6 @@ training). Explicit flags override a preset (e.g. --max_users=0 --seeds=0,1,2,3,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import subprocess
@@ -146,23 +145,10 @@ def stage_env(workdir: str) -> dict:
 
 
 def _py(workdir: str, script: str, *args: str) -> None:
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
-  logging.info("running %s", " ".join(cmd))
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", script), *args,
+         f"--verbosity={FLAGS.verbosity}"]
+  logging.debug("running %s", " ".join(cmd))
   subprocess.run(cmd, check=True, env=stage_env(workdir))
-
-
-@contextlib.contextmanager
-def quiet_info_logs():
-  """Orbax logs each checkpoint save and restore at INFO (hundreds of lines for a grid):
-  at the default verbosity only warnings pass while the grid trains; its progress lines
-  are printed. --verbosity=1 or more keeps every log."""
-  level = logging.get_verbosity()
-  if level <= logging.INFO:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(level)
 
 
 def check_endpoint(url: str) -> None:
@@ -186,7 +172,7 @@ class OwnTeacherServer:
          # client's next requests keeps batches full (at the serve default of 20 ms, the
          # ml-100k teacher stage ran 17 batches of about 5 rows instead of 10 of 8).
          "--batch_window_ms", "250",
-         "--default_max_tokens", str(max_tokens)],
+         "--default_max_tokens", str(max_tokens), "--verbosity", str(FLAGS.verbosity)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
         env=stage_env(workdir))
     line = ""
@@ -205,6 +191,8 @@ class OwnTeacherServer:
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(logging.get_verbosity())
   del argv
   from slim_jax import pipeline, report  # pylint: disable=import-outside-toplevel
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
@@ -319,9 +307,8 @@ def main(argv):
   trained: dict = {}
 
   def recommend_stage():
-    with quiet_info_logs():
-      trained["results"], trained["analyses"] = grid.train_grid(
-          w, spec, log=lambda m: print(m, flush=True))
+    trained["results"], trained["analyses"] = grid.train_grid(
+        w, spec, log=lambda m: print(m, flush=True))
 
   def report_stage():
     if not trained:  # all cached: reads the result.json files

@@ -206,6 +206,8 @@ def print_summary(stats: client.Stats, price: tuple[float, float], out: str) -> 
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(logging.get_verbosity())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:

@@ -200,10 +200,11 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv):
+  from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
+  quiet_logs.quiet_library_logs(logging.get_verbosity())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   try:
     plan = parse_flags()
   except ValueError as e:

@@ -39,6 +39,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+from slim_jax import quiet_logs
+
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 MAX_GATHER_S = 1.0  # a gathering batch waits at most this long for company,
@@ -652,8 +654,11 @@ def main(argv: list[str] | None = None) -> None:
                       "instead of one per power of two (fewer compilations on CPU).")
   parser.add_argument("--drain_seconds", type=float, default=30.0,
                       help="On SIGTERM/SIGINT, how long requests in flight may finish.")
+  parser.add_argument("--verbosity", type=int, default=0,
+                      help="1 or more: also the INFO lines of libraries (httpx, orbax, ...).")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  quiet_logs.quiet_library_logs(args.verbosity)
   generator, name = load_generator(args.model, args.adapter, args.max_batch_size,
                                    args.max_seq_len, args.dtype, args.pad_batches)
   server = ChatServer(generator, args.served_model_name or name, host=args.host,

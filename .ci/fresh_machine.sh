@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The README's main command on a machine set up by scripts/setup.sh alone: a second clone of
+# this commit gets a run-time-only .venv (no --test), where `import torch` must fail, and
+# runs experiments/run_slim.py --preset=smoke to the end. The terminal must stay readable:
+# no per-request httpx lines and no library INFO lines.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+tmp=$(mktemp -d -t slim-fresh.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+git clone -q "$top" "$tmp/clone"
+cd "$tmp/clone"
+start=$(date +%s)
+bash scripts/setup.sh
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "fresh-machine check: torch imports in the run-time environment" >&2
+  exit 1
+fi
+echo "fresh-machine check: set up in $(( $(date +%s) - start )) s; torch is absent"
+.venv/bin/python experiments/run_slim.py --workdir=runs/smoke --preset=smoke 2>&1 \
+  | tee "$tmp/terminal.log"
+test -s runs/smoke/report/results.md
+if grep -E "HTTP Request:|^I[0-9]{4} .*(checkpoint|orbax|jax\._src)" "$tmp/terminal.log"; then
+  echo "fresh-machine check: library INFO lines reached the terminal (above)" >&2
+  exit 1
+fi
+echo "fresh-machine check: the smoke run finished in $(( $(date +%s) - start )) s in all"
