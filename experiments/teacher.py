@@ -26,6 +26,8 @@ from absl import app, flags, logging
 import numpy as np
 
 from slim_jax.data.dataset import SequenceDataset
+from slim_jax import io
+from slim_jax.pipeline.layout import RunLayout
 from slim_jax.teacher import client, prompts, rationales
 
 FLAGS = flags.FLAGS
@@ -57,10 +59,6 @@ flags.DEFINE_bool("dry_run", False, "Print a sample prompt and token counts; cal
 flags.DEFINE_string("tokenizer", None, "Tokenizer for --dry_run counts: a Hugging Face folder "
                     "or a .gguf file. Default: an estimate of 4 characters per token.")
 
-OUT_FILE = os.path.join("rationales", "teacher.jsonl")
-MANIFEST_FILE = os.path.join("rationales", "teacher_manifest.json")
-SUMMARY_FILE = os.path.join("rationales", "teacher_summary.json")
-LOCK_FILE = os.path.join("rationales", "teacher.lock")
 API_KEY_ENV = "OPENAI_API_KEY"
 
 
@@ -124,8 +122,8 @@ def manifest(config: client.ClientConfig, template: prompts.PromptTemplate) -> d
 
 def check_resume(workdir: str, current: dict, requests) -> None:
   """Refuses to mix lines made under another model, sampling, template or data."""
-  out = os.path.join(workdir, OUT_FILE)
-  path = os.path.join(workdir, MANIFEST_FILE)
+  out = RunLayout(workdir).teacher_rationales
+  path = RunLayout(workdir).teacher_manifest
   existing = rationales.by_user(rationales.read(out))
   if existing and os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -142,12 +140,7 @@ def check_resume(workdir: str, current: dict, requests) -> None:
       sys.exit(
           f"{out}: the line for user {user_id} was made from a different prompt (the data, "
           "--template or --max_history changed). Use a new --workdir or delete the file.")
-  tmp = path + ".tmp"
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+  io.write_json(path, current)
 
 
 def count_tokens_fn():
@@ -230,8 +223,8 @@ def main(argv):
   if key is None and FLAGS.teacher_base_url is None:
     raise app.UsageError(f"set {API_KEY_ENV} to call OpenAI, or point --teacher_base_url at "
                          "a local OpenAI-compatible server")
-  out = os.path.join(FLAGS.workdir, OUT_FILE)
-  lock = hold_lock(os.path.join(FLAGS.workdir, LOCK_FILE))  # noqa: F841 (held until exit)
+  out = RunLayout(FLAGS.workdir).teacher_rationales
+  lock = hold_lock(RunLayout(FLAGS.workdir).teacher_lock)  # noqa: F841 (held until exit)
   removed = rationales.dedupe(out) if os.path.exists(out) else 0
   if removed:
     logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
@@ -253,11 +246,7 @@ def main(argv):
     print(f"teacher stage stopped: {e}", file=sys.stderr)
     sys.exit(2)
   summary = print_summary(stats, price, out)
-  tmp = os.path.join(FLAGS.workdir, SUMMARY_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, os.path.join(FLAGS.workdir, SUMMARY_FILE))
+  io.write_json(RunLayout(FLAGS.workdir).teacher_summary, summary)
   if stats.users_failed:
     print(f"{stats.users_failed} users failed; run the same command again to retry them.",
           file=sys.stderr)

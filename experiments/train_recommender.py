@@ -28,9 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from slim_jax import distributed  # noqa: E402
+from slim_jax import io  # noqa: E402
 from slim_jax.data import dataset as dataset_lib  # noqa: E402
 from slim_jax.data import prepare, sequences  # noqa: E402
-from slim_jax.recommenders import backbone  # noqa: E402
+from slim_jax.recommenders import backbone, registry  # noqa: E402
 from slim_jax.train import loop, metrics, steps  # noqa: E402
 
 _DATASET = flags.DEFINE_enum("dataset", "ml-100k", list(prepare.DATASETS), "Which data.")
@@ -83,10 +84,10 @@ def parse_flags() -> Plan:
   if not _WORKDIR.value:
     raise ValueError("--workdir is required (the run folder for data, checkpoints, metrics)")
   models = tuple(m.strip() for m in _MODEL.value.split(",") if m.strip())
-  unknown = [m for m in models if m not in backbone.backbone_names()]
+  unknown = [m for m in models if m not in registry.backbone_names()]
   if not models or unknown:
     raise ValueError(f"--model={_MODEL.value!r}: unknown {unknown or 'empty'}; choose a comma "
-                     f"list of {','.join(backbone.backbone_names())}")
+                     f"list of {','.join(registry.backbone_names())}")
   if len(set(models)) != len(models):
     raise ValueError(f"--model={_MODEL.value!r} names a model twice")
   try:
@@ -120,12 +121,6 @@ def parse_flags() -> Plan:
   return Plan(models=models, seeds=seeds, train=train, workdir=_WORKDIR.value)
 
 
-def _write_json(path: str, value) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
-
 
 def _read_json(path: str):
   try:
@@ -138,11 +133,11 @@ def _read_json(path: str):
 def run_model(name: str, plan: Plan, data: dataset_lib.SequenceDataset,
               negatives: dict, log=print) -> dict:
   """Trains every seed of one backbone; returns (and writes) its metrics.json content."""
-  model_config = backbone.make_config(
+  model_config = registry.make_config(
       name, num_items=data.num_items, max_len=plan.train.max_len,
       hidden_size=_HIDDEN_SIZE.value, num_layers=_NUM_LAYERS.value,
       num_heads=_NUM_HEADS.value, dropout=_DROPOUT.value)
-  model = backbone.Recommender(backbone=backbone.make_backbone(name, model_config))
+  model = backbone.Recommender(backbone=registry.make_backbone(name, model_config))
   model_dir = os.path.join(plan.workdir, name)
   per_seed = {}
   for seed in plan.seeds:
@@ -166,7 +161,7 @@ def run_model(name: str, plan: Plan, data: dataset_lib.SequenceDataset,
     result = loop.train_and_evaluate(model, data, negatives, config, seed_dir,
                                      name=f"{name} seed {seed}", log=log)
     result["settings"] = settings
-    _write_json(result_path, result)
+    io.write_json(result_path, result)
     log(f"{name} seed {seed}: best epoch {result['best_epoch']}, test "
         + "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
     per_seed[seed] = result
@@ -179,7 +174,7 @@ def run_model(name: str, plan: Plan, data: dataset_lib.SequenceDataset,
                                                  "total_seconds")}
                       for s, r in per_seed.items()},
          "model_config": dataclasses.asdict(model_config)}
-  _write_json(os.path.join(model_dir, "metrics.json"), out)
+  io.write_json(os.path.join(model_dir, "metrics.json"), out)
   return out
 
 

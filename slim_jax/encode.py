@@ -61,16 +61,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from slim_jax import row_chunks
+from slim_jax import io
 from slim_jax.data import dataset as dataset_lib
+from slim_jax.convert import pretrained
 from slim_jax.models import bert
+from slim_jax.pipeline.layout import RunLayout
 
 POOLING_MODES = ("mean", "cls", "pooler")
 SOURCES = ("teacher", "student")
 STEPS = ("step1", "step2", "step3")
-MANIFEST = "manifest.json"
-EMBEDDINGS_DIR = "embeddings"
-RATIONALES_DIR = "rationales"
-DATA_DIR = "data"
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -191,7 +190,7 @@ class TextEncoder:
                max_length: int | None = None, batch_size: int = 64, dtype: str = "float32",
                chunk_tokens: int | None = None):
     self.path = os.path.abspath(os.fspath(path))
-    self.config, params, self.tokenizer = bert.load_pretrained(self.path, dtype=dtype)
+    self.config, params, self.tokenizer = pretrained.load_bert(self.path, dtype=dtype)
     self.params = jax.device_put(params)  # once, not on every jitted call
     del params
     if self.tokenizer is None:
@@ -331,12 +330,8 @@ def text_sha256(text: str) -> str:
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
-  tmp = dataset_lib.temporary_name(path)
-  with open(tmp, "wb") as f:
+  with io.atomic_open(path, "wb") as f:
     np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 class EmbeddingCache:
@@ -399,13 +394,9 @@ class EmbeddingCache:
 
   @staticmethod
   def _write(path: str, digests: list[str], vectors: np.ndarray) -> None:
-    tmp = dataset_lib.temporary_name(path)
-    with open(tmp, "wb") as f:
+    with io.atomic_open(path, "wb") as f:
       np.savez(f, hashes=np.array(digests, dtype="U64"),
                vectors=np.asarray(vectors, np.float32))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def encode_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: Sequence[str],
@@ -491,7 +482,7 @@ def read_rationales(path: str, num_users: int, skip_bad_lines: bool = False
 def plan_outputs(workdir: str, sources: Sequence[str] | None = None,
                  skip_bad_lines: bool = False) -> tuple[list[Output], dict]:
   """Reads every input and decides the matrices to write; nothing is written here."""
-  data = dataset_lib.load(os.path.join(workdir, DATA_DIR))
+  data = dataset_lib.load(RunLayout(workdir).data)
   outputs = [Output("items", [None] + [it.text for it in data.items],
                     [0] + [it.item_id for it in data.items], first_row_zero=True)]
   report: dict[str, Any] = {"skipped_lines": {}}
@@ -499,7 +490,7 @@ def plan_outputs(workdir: str, sources: Sequence[str] | None = None,
   for source in (sources if explicit else SOURCES):
     if source not in SOURCES:
       raise ValueError(f"unknown rationale source {source!r}; one of {SOURCES}")
-    path = os.path.join(workdir, RATIONALES_DIR, f"{source}.jsonl")
+    path = RunLayout(workdir).rationale_file(source)
     if not os.path.exists(path):
       if explicit:
         raise FileNotFoundError(f"{path} does not exist: run the {source} stage first, or "
@@ -531,9 +522,9 @@ def run_stage(workdir: str, encoder: TextEncoder, sources: Sequence[str] | None 
               skip_bad_lines: bool = False, progress: bool = True) -> dict:
   """Encodes the workdir's item texts and rationales; returns a summary (see module doc)."""
   outputs, report = plan_outputs(workdir, sources, skip_bad_lines)
-  directory = os.path.join(workdir, EMBEDDINGS_DIR)
+  directory = RunLayout(workdir).embeddings
   os.makedirs(directory, exist_ok=True)
-  manifest_file = os.path.join(directory, MANIFEST)
+  manifest_file = RunLayout(workdir).embeddings_manifest
   old = _read_json(manifest_file) if os.path.exists(manifest_file) else {}
   identity = encoder.identity()
   same_encoder = {k: v for k, v in old.get("encoder", {}).items() if k != "path"} == {
@@ -576,7 +567,7 @@ def run_stage(workdir: str, encoder: TextEncoder, sources: Sequence[str] | None 
                                        "encoded": stats.texts, "written": True}
     logging.info("%s: %d rows, %d present, %d newly encoded in %.1fs", output.name,
                  len(output.texts), len(rows), stats.texts, stats.seconds)
-  dataset_lib.write_json_atomic(manifest_file, {"encoder": identity, "outputs": entries})
+  io.write_json(manifest_file, {"encoder": identity, "outputs": entries})
   summary["encoded"] = sum(o["encoded"] for o in summary["outputs"].values())
   return summary
 

@@ -423,6 +423,19 @@ class Generator:
     return self.generate(prompts, sampling, callback)
 
 
+def streamable_end(text: str, stop: Sequence[str]) -> int:
+  """How much of an unfinished row's `text` can be streamed: not an unfinished multi-byte
+  character at the end, nor a tail that may still grow into one of the `stop` strings
+  (streamed text cannot be taken back, and the final text ends before a stop string)."""
+  end = len(text.rstrip("\ufffd"))
+  for s in stop:
+    for k in range(min(len(s) - 1, end), 0, -1):
+      if text[:end].endswith(s[:k]):
+        end -= k
+        break
+  return end
+
+
 class _Row:
   """Host-side state of one row: tokens so far, stop strings, text streamed so far."""
 
@@ -472,14 +485,7 @@ class _Row:
 
   def take_stream_text(self) -> str:
     """New text safe to stream: whole characters, never a possible stop-string prefix."""
-    end = len(self.text)
-    if not self.finished:
-      end = len(self.text.rstrip("\ufffd"))  # an unfinished multi-byte character
-      for stop in self.sampling.stop:  # hold back a tail that may grow into a stop string
-        for k in range(min(len(stop) - 1, end), 0, -1):
-          if self.text[:end].endswith(stop[:k]):
-            end -= k
-            break
+    end = len(self.text) if self.finished else streamable_end(self.text, self.sampling.stop)
     end = max(end, self.streamed)
     new = self.text[self.streamed:end]
     self.streamed = end

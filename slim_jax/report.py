@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from slim_jax import io
+
 METRICS = ("ndcg@10", "hr@10", "hr@20")
 ID_ROWS = ("backbone", "backbone+", "slim-", "slim")
 AGNOSTIC_ROWS = ("agnostic", "agnostic-step1", "agnostic-step2", "agnostic-step3")
@@ -57,8 +59,8 @@ def write(results: dict, out_dir: str, *, title: str = "SLIM results",
   rows = _rows(results)
   seeds = sorted({len(v) for v in results.values()})
   paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("md", "csv", "png")}
-  with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
+  with io.atomic_open(paths["csv"]) as f:
+    w = csv.writer(f, lineterminator="\r\n")
     w.writerow(["backbone", "variant", "seeds"] + [f"{m}_{s}" for m in METRICS
                                                    for s in ("mean", "std")] + ["gain_ndcg@10"])
     for b, v, s in rows:
@@ -82,8 +84,7 @@ def write(results: dict, out_dir: str, *, title: str = "SLIM results",
   if stage_times:
     lines += ["", "## Stages", "", "| stage | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {t['stage']} | {t['status']} | {t['seconds']:.1f} |" for t in stage_times]
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  io.write_text(paths["md"], "\n".join(lines) + "\n")
   _plot(rows, paths["png"])
   return paths
 
@@ -133,7 +134,8 @@ def _plot(rows, path: str) -> None:
   ax.set_ylabel("test metric")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with io.atomic_open(path, "wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -146,5 +148,4 @@ def interpretability_page(path: str, cases: list[dict]) -> None:
               "", "Student rationale:", "", "> " + c["rationale"].replace("\n", "\n> "), "",
               "Top-10: " + "; ".join(c["top10"]), "",
               f"Held-out item: {c['held_out']} ({'in' if c['hit'] else 'not in'} the top-10)", ""]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
+  io.write_text(path, "\n".join(lines))

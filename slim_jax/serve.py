@@ -2,7 +2,7 @@ r"""An OpenAI-compatible chat server over the Flax LLaMA (and an optional LoRA a
 
   python -m slim_jax.serve --model=PATH --port=8000 [--adapter=DIR] [--host=127.0.0.1]
 
-PATH is anything `llama.load_pretrained` takes (a Hugging Face folder or a .gguf file);
+PATH is anything `pretrained.load_llama` takes (a Hugging Face folder or a .gguf file);
 DIR is a PEFT LoRA folder (`lora.load_peft`), e.g. the distilled student. The server is
 how the offline teacher runs (experiments/teacher.py --teacher_base_url=http://HOST:PORT/v1)
 and how the student is deployed.
@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from slim_jax import quiet_logs
+from slim_jax import generator_loading, quiet_logs
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -539,21 +539,14 @@ def _make_handler(server: ChatServer):
       for index in range(request.n):
         send([{"index": index, "delta": {"role": "assistant", "content": ""},
                "logprobs": None, "finish_reason": None}])
-      # Hold back text that could be the start of a stop sequence: the final text is cut
-      # before the stop sequence, and streamed text cannot be taken back.
-      holdback = max((len(s) for s in request.stop), default=1) - 1
-      pending = [""] * request.n
+      # The generator's callback streams only text that cannot grow into a stop string
+      # (generate._Row.take_stream_text); the final flush sends what it held back.
       sent = [""] * request.n
 
-      def flush(index: int, final: str | None = None) -> None:
-        if final is None:
-          ready = pending[index][:max(0, len(pending[index]) - holdback)]
-        else:
-          ready = final[len(sent[index]):] if final.startswith(sent[index]) else ""
-        if ready:
-          sent[index] += ready
-          pending[index] = pending[index][len(ready):]
-          send([{"index": index, "delta": {"content": ready}, "logprobs": None,
+      def flush(index: int, text: str) -> None:
+        if text:
+          sent[index] += text
+          send([{"index": index, "delta": {"content": text}, "logprobs": None,
                  "finish_reason": None}])
 
       while not job.done.is_set() or not events.empty():
@@ -561,15 +554,15 @@ def _make_handler(server: ChatServer):
           index, text = events.get(timeout=0.05)
         except queue.Empty:
           continue
-        pending[index] += text
-        flush(index)
+        flush(index, text)
       if job.error is not None:
         error = APIError(500, f"generation failed: {type(job.error).__name__}",
                          type_="server_error")
         self._write_chunk(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
       else:
         for index, completion in enumerate(job.completions):
-          flush(index, completion.text)
+          final = completion.text
+          flush(index, final[len(sent[index]):] if final.startswith(sent[index]) else "")
           send([{"index": index, "delta": {}, "logprobs": None,
                  "finish_reason": completion.finish_reason}])
         if request.include_usage:
@@ -602,37 +595,12 @@ def _completion_body(model_name: str, completions, prompt_tokens: int) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
-def load_generator(model: str, adapter: str | None, max_batch_size: int, max_seq_len: int,
-                   dtype: str, pad_batches: bool = False):
-  """(generator, served model name) from a load_pretrained path and an optional adapter."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from slim_jax import generate  # pylint: disable=import-outside-toplevel
-  from slim_jax.models import llama  # pylint: disable=import-outside-toplevel
-  if not os.path.exists(model):
-    raise FileNotFoundError(f"--model={model} does not exist; give a Hugging Face LLaMA "
-                            "folder or a .gguf file")
-  config, params, tokenizer = llama.load_pretrained(model)
-  if adapter:
-    from slim_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
-    lora, spec = lora_lib.load_peft(adapter)
-    # Merged once (W + scale * a @ b): decoding runs the base model's programs, no extra
-    # adapter matmuls per step, and shares compiled code with the base model.
-    params = lora_lib.merge(params, lora, spec.scale)
-  generator = generate.Generator(config, params, tokenizer, max_batch_size=max_batch_size,
-                                 max_seq_len=max_seq_len, pad_batches=pad_batches,
-                                 dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
-  name = os.path.basename(os.path.normpath(model))
-  if name.endswith(".gguf"):
-    name = name[:-len(".gguf")]
-  return generator, name
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m slim_jax.serve",
       description="OpenAI-compatible chat server over the Flax LLaMA.")
   parser.add_argument("--model", required=True,
-                      help="Hugging Face LLaMA folder or .gguf file (llama.load_pretrained).")
+                      help="Hugging Face LLaMA folder or .gguf file (pretrained.load_llama).")
   parser.add_argument("--adapter", default=None, help="PEFT LoRA folder to apply.")
   parser.add_argument("--host", default="127.0.0.1",
                       help="Address to bind; 0.0.0.0 exposes the server to the network.")
@@ -659,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   quiet_logs.quiet_library_logs(args.verbosity)
-  generator, name = load_generator(args.model, args.adapter, args.max_batch_size,
+  generator, name = generator_loading.load_generator(args.model, args.adapter, args.max_batch_size,
                                    args.max_seq_len, args.dtype, args.pad_batches)
   server = ChatServer(generator, args.served_model_name or name, host=args.host,
                       port=args.port, max_batch_size=args.max_batch_size,

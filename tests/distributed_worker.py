@@ -79,7 +79,7 @@ def train(out_path: str, ckpt_dir: str) -> None:
   import optax
   import jax.numpy as jnp
   from slim_jax import sharding
-  from slim_jax.recommenders import backbone
+  from slim_jax.recommenders import registry
   from slim_jax.train import checkpoints, state as state_lib, steps
 
   d = distiller()
@@ -94,7 +94,7 @@ def train(out_path: str, ckpt_dir: str) -> None:
   ckpt.close()  # waits for the (asynchronous) save of every process
 
   mesh = sharding.make_mesh(MESH)
-  model = backbone.make_recommender("sasrec", num_items=ITEMS, max_len=RL, hidden_size=16)
+  model = registry.make_recommender("sasrec", num_items=ITEMS, max_len=RL, hidden_size=16)
   tx = optax.adam(1e-2)
   example = lambda: (jnp.zeros((RB, RL), jnp.int32), jnp.zeros((RB,), jnp.int32))
   rstate, shardings = state_lib.create_train_state(model, tx, example, jax.random.PRNGKey(0),

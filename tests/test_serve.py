@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from llama_fixtures import smollm2_gguf, write_tiny_llama
-from slim_jax import serve
+from slim_jax import generate, generator_loading, serve
 
 
 # ----------------------------------------------------------------------------- fakes
@@ -70,7 +70,7 @@ class FakeGenerator:
     sampling = sampling if isinstance(sampling, list) else [sampling] * rows
     self.sampling_seen.extend(sampling)
     texts, finished, reasons = [""] * rows, [False] * rows, ["length"] * rows
-    counts = [0] * rows
+    counts, streamed = [0] * rows, [0] * rows
     for step in range(max(s.max_new_tokens for s in sampling)):
       time.sleep(self.step_seconds)
       for row, params in enumerate(sampling):
@@ -89,8 +89,10 @@ class FakeGenerator:
           finished[row], reasons[row] = True, "stop"
           continue
         texts[row] += piece
-        if callback is not None and piece:
-          callback(row, piece)
+        end = max(streamed[row], generate.streamable_end(texts[row], params.stop))
+        if callback is not None and end > streamed[row]:  # the real generator's holdback
+          callback(row, texts[row][streamed[row]:end])
+          streamed[row] = end
     prompt = [len(self.render_chat(c).split()) for c in conversations]
     return [FakeCompletion(t, list(range(n)), p, n, r)
             for t, n, p, r in zip(texts, counts, prompt, reasons)]
@@ -346,7 +348,7 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_llama_dir):
-  generator, name = serve.load_generator(str(tiny_llama_dir), None, max_batch_size=8,
+  generator, name = generator_loading.load_generator(str(tiny_llama_dir), None, max_batch_size=8,
                                          max_seq_len=1024, dtype="float32")
   with serve.ChatServer(generator, name, max_batch_size=8, batch_window_ms=20,
                         max_seq_len=1024, default_max_tokens=24) as server:
@@ -397,8 +399,9 @@ def test_teacher_rationales_end_to_end_through_the_openai_client(llama_server, t
 def test_cli_with_an_adapter_serves_then_stops_gracefully_on_sigterm(
     tiny_llama_dir, llama_server, tmp_path):
   import jax
-  from slim_jax.models import llama, lora
-  _, params, _ = llama.load_pretrained(str(tiny_llama_dir))
+  from slim_jax.convert import pretrained
+  from slim_jax.models import lora
+  _, params, _ = pretrained.load_llama(str(tiny_llama_dir))
   spec = lora.LoraSpec(rank=4, alpha=8.0)
   adapter = lora.init_lora(params, spec, jax.random.PRNGKey(0))
   adapter = jax.tree.map(lambda x: x + 0.5, adapter)  # b starts at zero: make it matter
@@ -442,7 +445,7 @@ def test_cli_with_an_adapter_serves_then_stops_gracefully_on_sigterm(
 
 @pytest.mark.slow
 def test_smollm2_answers_a_teacher_prompt():
-  generator, name = serve.load_generator(smollm2_gguf(), None, 2, 1024, "float32")
+  generator, name = generator_loading.load_generator(smollm2_gguf(), None, 2, 1024, "float32")
   with serve.ChatServer(generator, name, max_seq_len=1024) as server:
     out = client_for(server, timeout=600).chat.completions.create(
         model=name, max_tokens=48, temperature=0,

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from slim_jax import io
+
 ITEMS_FILE = "items.jsonl"
 USERS_FILE = "users.jsonl"
 SUMMARY_FILE = "data_summary.json"
@@ -80,40 +82,16 @@ class SequenceDataset:
     return self.items[item_id - 1]
 
 
-def temporary_name(path: str) -> str:
-  """A name next to `path` to write before renaming onto it; unique per process, so two
-  processes preparing the same folder never write into the same temporary file."""
-  return f"{path}.tmp{os.getpid()}"
 
-
-def _write_jsonl_atomic(path: str, rows) -> None:
-  tmp = temporary_name(path)
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """Writes `obj` as indented JSON to `path` through a temporary file and a rename."""
-  tmp = temporary_name(path)
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def save(dataset: SequenceDataset, directory: str) -> None:
   """Writes items.jsonl and users.jsonl atomically into `directory`."""
   os.makedirs(directory, exist_ok=True)
-  _write_jsonl_atomic(os.path.join(directory, ITEMS_FILE), (
+  io.write_jsonl(os.path.join(directory, ITEMS_FILE), (
       {"item_id": it.item_id, "raw_id": it.raw_id, "title": it.title, "brand": it.brand,
        "categories": list(it.categories), "text": it.text} for it in dataset.items))
-  _write_jsonl_atomic(os.path.join(directory, USERS_FILE), (
+  io.write_jsonl(os.path.join(directory, USERS_FILE), (
       {"user_id": u, "raw_id": raw, "items": seq.tolist(), "timestamps": ts.tolist()}
       for u, (raw, seq, ts) in enumerate(
           zip(dataset.user_raw_ids, dataset.sequences, dataset.timestamps))))

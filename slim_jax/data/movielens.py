@@ -21,7 +21,8 @@ import subprocess
 import sys
 import zipfile
 
-from slim_jax.data import dataset as dataset_lib
+from slim_jax import io
+
 from slim_jax.data import raw
 
 RECBOLE_VERSION = "1.2.1"
@@ -60,10 +61,9 @@ def fetch(cache: str | None = None) -> str:
   os.makedirs(target, exist_ok=True)
   with zipfile.ZipFile(wheel) as archive:
     for name in (INTER_FILE, ITEM_FILE):
-      tmp = dataset_lib.temporary_name(os.path.join(target, name))
-      with archive.open(_MEMBER_DIR + name) as src, open(tmp, "wb") as dst:
+      with archive.open(_MEMBER_DIR + name) as src, io.atomic_open(
+          os.path.join(target, name), "wb") as dst:
         shutil.copyfileobj(src, dst)
-      os.replace(tmp, os.path.join(target, name))
   return target
 
 

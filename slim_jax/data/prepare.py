@@ -27,11 +27,13 @@ import os
 import numpy as np
 
 from slim_jax.data import amazon
+from slim_jax import io
 from slim_jax.data import dataset as dataset_lib
 from slim_jax.data import movielens
 from slim_jax.data import raw as raw_lib
 from slim_jax.data import sequences
 from slim_jax.data import synthetic
+from slim_jax.pipeline.layout import RunLayout
 
 DATASETS = ("ml-100k", "amazon", "synthetic")
 MANIFEST_FILE = "manifest.json"
@@ -44,7 +46,7 @@ _FORMAT = 1
 
 def prepared_dir(workdir: str) -> str:
   """Where a run keeps its prepared dataset."""
-  return os.path.join(workdir, "data")
+  return RunLayout(workdir).data
 
 
 def _natural_order(names: list[str]) -> np.ndarray:
@@ -242,17 +244,10 @@ def _read_manifest(out: str) -> dict | None:
       return None
 
 
-def _load_prepared(out: str, dataset_name: str, max_len: int) -> dataset_lib.SequenceDataset:
-  dataset = dataset_lib.load(out, name=dataset_name)
-  summary_path = os.path.join(out, dataset_lib.SUMMARY_FILE)
-  with open(summary_path, encoding="utf-8") as f:
-    summary = json.load(f)
-  if summary.get("max_len") != max_len:  # only the summary depends on max_len
-    lengths = np.asarray([len(s) for s in dataset.sequences])
-    summary["max_len"] = max_len
-    summary["users_longer_than_max_len"] = int(np.sum(lengths - 1 > max_len))
-    dataset_lib.write_json_atomic(summary_path, summary)
-  return dataset
+def _load_prepared(out: str, dataset_name: str) -> dataset_lib.SequenceDataset:
+  # Loading never writes: the folder's content (which later stages fingerprint) changes
+  # only when the data is prepared again. The summary's max_len is the preparation's.
+  return dataset_lib.load(out, name=dataset_name)
 
 
 def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
@@ -269,8 +264,9 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
   options. An option left at None accepts whatever the existing preparation used, and
   takes its default when there is none: so every stage of a run (training, teacher, ...)
   calling with defaults reads the same data that experiments/prepare_data.py wrote.
-  `max_len` and `skip_bad_lines` never force a rebuild: max_len only changes the summary,
-  and a folder prepared with skipped lines stays valid.
+  `max_len` and `skip_bad_lines` never force a rebuild: max_len is only reported in the
+  summary written at preparation, and a folder prepared with skipped lines stays valid. A
+  load never writes into the folder (later stages fingerprint its content).
 
   Args:
     dataset_name: 'ml-100k' (data_dir defaults to the set-up's cache), 'amazon' (data_dir
@@ -312,12 +308,12 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
     # The sources are gone or not given, but this workdir is already prepared: use it.
     if data_dir is None and existing and _matches(
         existing, {"dataset": dataset_name, "options": requested}, check_inputs=False):
-      return _load_prepared(out, dataset_name, max_len)
+      return _load_prepared(out, dataset_name)
     raise
   wanted = json.loads(json.dumps(  # the form a manifest has once read back
       {"format": _FORMAT, "dataset": dataset_name, "options": requested, "inputs": inputs}))
   if existing and _matches(existing, wanted, check_inputs=True):
-    return _load_prepared(out, dataset_name, max_len)
+    return _load_prepared(out, dataset_name)
 
   core = DEFAULT_CORE[dataset_name] if core is None else core
   seed = DEFAULT_SEED if seed is None else seed
@@ -334,10 +330,10 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
                           "file": sequences.NEGATIVES_FILE}
   dataset_lib.save(dataset, out)
   sequences.save_negatives(out, negatives)
-  dataset_lib.write_json_atomic(os.path.join(out, dataset_lib.SUMMARY_FILE), summary)
+  io.write_json(os.path.join(out, dataset_lib.SUMMARY_FILE), summary)
   wanted["options"].update(core=core, seed=seed, num_negatives=num_negatives,
                            skip_bad_lines=skip_bad_lines, max_users=max_users)
-  dataset_lib.write_json_atomic(manifest_path, wanted)  # last: marks the folder complete
+  io.write_json(manifest_path, wanted)  # last: marks the folder complete
   return dataset
 
 

@@ -22,13 +22,13 @@ Letters: U users, L max_len, B batch, C candidates, W windows.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from slim_jax.data import dataset as dataset_lib
+from slim_jax import io
 
 NEGATIVES_FILE = "negatives.npz"
 SPLITS = ("valid", "test")
@@ -106,15 +106,8 @@ def sample_eval_negatives(dataset: dataset_lib.SequenceDataset, num_negatives: i
 def save_negatives(directory: str, negatives: dict[str, np.ndarray]) -> None:
   """Writes negatives.npz atomically."""
   os.makedirs(directory, exist_ok=True)
-  buffer = io.BytesIO()
-  np.savez(buffer, **{k: np.asarray(v, np.int32) for k, v in negatives.items()})
-  path = os.path.join(directory, NEGATIVES_FILE)
-  tmp = dataset_lib.temporary_name(path)
-  with open(tmp, "wb") as f:
-    f.write(buffer.getvalue())
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  with io.atomic_open(os.path.join(directory, NEGATIVES_FILE), "wb") as f:
+    np.savez(f, **{k: np.asarray(v, np.int32) for k, v in negatives.items()})
 
 
 def load_negatives(directory: str) -> dict[str, np.ndarray]:

@@ -26,7 +26,8 @@ import os
 
 import numpy as np
 
-from slim_jax.data import dataset as dataset_lib
+from slim_jax import io
+
 
 _ADJECTIVES = ("Red", "Swift", "Quiet", "Golden", "Tiny", "Grand", "Bright", "Silent", "Wild",
                "Classic", "Modern", "Rustic", "Electric", "Frozen", "Lucky", "Brave")
@@ -129,11 +130,9 @@ def _meta(release: str, item: int, cluster: int, missing_title: set,
 
 
 def _write_gz(path: str, lines: list[str]) -> None:
-  tmp = dataset_lib.temporary_name(path)
-  with open(tmp, "wb") as raw_file:
+  with io.atomic_open(path, "wb") as raw_file:
     with gzip.GzipFile(fileobj=raw_file, mode="wb", mtime=0) as gz:
       gz.write("".join(line + "\n" for line in lines).encode("utf-8"))
-  os.replace(tmp, path)
 
 
 def _insert(lines: list[str], extra: list[str], rng) -> list[str]:

@@ -30,8 +30,6 @@ sentence vectors (mean, CLS, pooler) and normalisation live in slim_jax/encode.p
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -287,22 +285,17 @@ def init_params(config: BertConfig, rng: jax.Array) -> dict:
   return init(rng)
 
 
-def load_pretrained(path: str, dtype: str | None = None) -> tuple[BertConfig, dict, Any]:
-  """(config, params, tokenizer) from a Hugging Face BERT folder (config.json + safetensors).
+# DESIGN.md's public API names. The library itself loads through slim_jax/convert/
+# (convert/ depends on models/, never the reverse); these two delegate there for users.
 
-  Strict: every checkpoint tensor is used (pre-training heads `cls.*` excepted) and every
-  shape checked. `dtype` (e.g. "bfloat16") sets the compute dtype; weights stay float32.
-  The tokenizer is None for a folder without tokenizer files.
-  """
-  from slim_jax.convert import bert_hf  # pylint: disable=import-outside-toplevel
-  path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} is not a folder: give a Hugging Face BERT folder "
-                            "(config.json + model.safetensors + tokenizer files)")
-  return bert_hf.load_folder(path, dtype=dtype)
+def load_pretrained(path: str, dtype: str | None = None):
+  """(config, params, tokenizer) from a HF BERT folder: the public name of
+  slim_jax.convert.pretrained.load_bert."""
+  from slim_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
+  return pretrained.load_bert(path, dtype=dtype)
 
 
 def save_pretrained(config: BertConfig, params, path: str, tokenizer=None) -> None:
-  """Writes a Hugging Face folder (config.json, model.safetensors) transformers loads."""
-  from slim_jax.convert import bert_hf  # pylint: disable=import-outside-toplevel
-  bert_hf.save_folder(config, params, path, tokenizer=tokenizer)
+  """Writes a HF folder: the public name of slim_jax.convert.pretrained.save_bert."""
+  from slim_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
+  pretrained.save_bert(config, params, path, tokenizer=tokenizer)

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -399,29 +397,19 @@ def param_partition_specs(config: LlamaConfig):
   return nn.get_partition_spec(abstract)["params"]
 
 
-# ----------------------------------------------------------------------------- loading
+# DESIGN.md's public API names. The library itself loads through slim_jax/convert/
+# (convert/ depends on models/, never the reverse); these two delegate there for users.
 
-def load_pretrained(path: str, param_dtype=None) -> tuple[LlamaConfig, dict, Any]:
-  """(config, params, tokenizer) from a Hugging Face LLaMA folder or a .gguf file.
-
-  Strict: every checkpoint tensor is used and every shape checked. The tokenizer is None for
-  a folder without tokenizer files. `param_dtype` (e.g. "bfloat16") keeps weights in that
-  dtype instead of float32 (halves memory for a 7B model).
-  """
-  from slim_jax.convert import gguf_llama, llama_hf  # pylint: disable=import-outside-toplevel
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: give a Hugging Face LLaMA folder "
-                            "(config.json + safetensors) or a .gguf file")
-  if os.path.isdir(path):
-    return llama_hf.load_folder(path, param_dtype=param_dtype)
-  if path.endswith(".gguf") or gguf_llama.is_gguf(path):
-    return gguf_llama.load_gguf(path, param_dtype=param_dtype)
-  raise ValueError(f"{path} is neither a folder nor a .gguf file")
+def load_pretrained(path: str, param_dtype=None):
+  """(config, params, tokenizer) from a HF LLaMA folder or a .gguf file: the public name of
+  slim_jax.convert.pretrained.load_llama."""
+  from slim_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
+  return pretrained.load_llama(path, param_dtype=param_dtype)
 
 
-def save_pretrained(config: LlamaConfig, params: Mapping, path: str, tokenizer=None,
+def save_pretrained(config: LlamaConfig, params, path: str, tokenizer=None,
                     max_shard_bytes: int = 5 * 2 ** 30) -> None:
-  """Writes a Hugging Face folder (config.json, safetensors, tokenizer) transformers loads."""
-  from slim_jax.convert import llama_hf  # pylint: disable=import-outside-toplevel
-  llama_hf.save_folder(config, params, path, tokenizer=tokenizer,
-                       max_shard_bytes=max_shard_bytes)
+  """Writes a HF folder: the public name of slim_jax.convert.pretrained.save_llama."""
+  from slim_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
+  pretrained.save_llama(config, params, path, tokenizer=tokenizer,
+                        max_shard_bytes=max_shard_bytes)

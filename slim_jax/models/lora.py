@@ -30,6 +30,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
+from slim_jax import io
+
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -206,7 +208,7 @@ def save_peft(path: str, lora: Params, spec: LoraSpec, base_model_name_or_path: 
   [out, r] (= b.T). `num_layers` (the model's layer count) lets the config say whether
   every layer is adapted. Files are written to temporary names and renamed.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save as safetensors_save
 
   os.makedirs(path, exist_ok=True)
   adapters = traverse_util.flatten_dict(dict(lora), is_leaf=_adapter_leaf)
@@ -231,10 +233,9 @@ def save_peft(path: str, lora: Params, spec: LoraSpec, base_model_name_or_path: 
       "modules_to_save": None,
       **_peft_target_config(list(adapters), num_layers),
   }
-  _atomic_write(os.path.join(path, PEFT_WEIGHTS_FILE),
-                lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-  _atomic_write(os.path.join(path, PEFT_CONFIG_FILE),
-                lambda tmp: _write_text(tmp, json.dumps(config, indent=2) + "\n"))
+  io.write_bytes(os.path.join(path, PEFT_WEIGHTS_FILE),
+                 safetensors_save(tensors, metadata={"format": "pt"}))
+  io.write_json(os.path.join(path, PEFT_CONFIG_FILE), config)
 
 
 def load_peft(path: str) -> tuple[dict, LoraSpec]:
@@ -278,12 +279,3 @@ def load_peft(path: str) -> tuple[dict, LoraSpec]:
   return lora, spec
 
 
-def _write_text(path: str, text: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-  tmp = path + ".tmp"
-  write(tmp)
-  os.replace(tmp, path)

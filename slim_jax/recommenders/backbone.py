@@ -1,4 +1,5 @@
-"""The interface every sequential-recommender backbone offers, and the registry of backbones.
+"""The interface every sequential-recommender backbone offers (the registry of backbones is
+slim_jax/recommenders/registry.py).
 
 A backbone (GRU4Rec, SASRec, SR-GNN) exposes its two halves SEPARATELY so that a wrapper
 can change either before scoring (the SLIM fusion, slim_jax/recommenders/slim.py, computes
@@ -19,8 +20,7 @@ both representations in one call; wrappers that fuse text implement the same cal
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -70,56 +70,3 @@ def masked_item_table(embedding: jnp.ndarray) -> jnp.ndarray:
   """Zeroes row 0 (padding) of an item table [V+1, D], like torch's padding_idx=0."""
   keep = (jnp.arange(embedding.shape[0]) > 0)[:, None]
   return jnp.where(keep, embedding, 0.0)
-
-
-# ---------------------------------------------------------------------------- registry
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-  """How to build one backbone from the experiment's size flags."""
-
-  config_cls: Any
-  module_cls: Any
-  # Defaults from RecBole 1.2.1's yaml files where the experiment leaves a size unset.
-  default_num_layers: int
-  default_dropout: float
-
-
-def _registry() -> dict[str, BackboneSpec]:
-  # Imported here: the model files import helpers from this module.
-  from slim_jax.recommenders import gru4rec, sasrec, srgnn
-  return {
-      "gru4rec": BackboneSpec(gru4rec.GRU4RecConfig, gru4rec.GRU4Rec, 1, 0.3),
-      "sasrec": BackboneSpec(sasrec.SASRecConfig, sasrec.SASRec, 2, 0.5),
-      "srgnn": BackboneSpec(srgnn.SRGNNConfig, srgnn.SRGNN, 1, 0.0),
-  }
-
-
-def backbone_names() -> tuple[str, ...]:
-  return tuple(_registry())
-
-
-def make_config(name: str, *, num_items: int, max_len: int = 50, hidden_size: int = 64,
-                num_layers: int | None = None, num_heads: int | None = None,
-                dropout: float | None = None):
-  """The frozen config of backbone `name`; unset sizes take RecBole 1.2.1's defaults."""
-  registry = _registry()
-  if name not in registry:
-    raise ValueError(f"unknown recommender backbone {name!r}; choose from {sorted(registry)}")
-  spec = registry[name]
-  kwargs = dict(num_items=num_items, max_len=max_len, hidden_size=hidden_size,
-                num_layers=spec.default_num_layers if num_layers is None else num_layers,
-                dropout=spec.default_dropout if dropout is None else dropout)
-  if name == "sasrec":
-    kwargs["num_heads"] = 2 if num_heads is None else num_heads
-  return spec.config_cls(**kwargs)
-
-
-def make_backbone(name: str, config) -> nn.Module:
-  return _registry()[name].module_cls(config)
-
-
-def make_recommender(name: str, **sizes) -> Recommender:
-  """`make_recommender('sasrec', num_items=V, hidden_size=64)`: backbone wrapped for training."""
-  return Recommender(backbone=make_backbone(name, make_config(name, **sizes)))

@@ -35,6 +35,7 @@ from flax import linen as nn
 
 from slim_jax.models.layers import Linear
 from slim_jax.recommenders import backbone as backbone_lib
+from slim_jax.recommenders import registry
 from slim_jax.recommenders.backbone import Representations, masked_item_table, padding_mask
 from slim_jax.recommenders.sasrec import SASRecBlock, SASRecConfig
 
@@ -231,7 +232,7 @@ def make_model(variant: str, backbone_name: str, *, num_items: int,
                            num_heads=2 if num_heads is None else num_heads,
                            dropout=0.2 if dropout is None else dropout)
     return SlimIDAgnostic(cfg, Frozen(item_text), Frozen(user_text))
-  net = backbone_lib.make_backbone(backbone_name, backbone_lib.make_config(
+  net = registry.make_backbone(backbone_name, registry.make_config(
       backbone_name, num_items=num_items, max_len=max_len, hidden_size=hidden_size,
       num_layers=num_layers, num_heads=num_heads, dropout=dropout))
   if family == "id":

@@ -19,14 +19,11 @@ ignored on reading and cut off before the next append.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from slim_jax.teacher import prompts
+from slim_jax import io
 
 REQUIRED_KEYS = ("user_id", "messages", "response", "steps", "model", "usage", "created")
 
@@ -62,27 +59,9 @@ def validate(record: dict, where: str = "record") -> None:
 
 def read(path: str) -> list[dict]:
   """All records in file order; a torn last line is skipped, any other bad line is an error."""
-  if not os.path.exists(path):
-    return []
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = data.split(b"\n")
-  torn = lines.pop()  # b"" when the file ends with a newline
-  records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      validate(record, f"{path}:{number}")
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-      raise ValueError(f"{path}:{number}: malformed rationale line ({e}); fix or delete that "
-                       "line and rerun (the users on deleted lines are asked again)") from e
-    records.append(record)
-  if torn.strip():
-    logging.warning("%s: ignoring an incomplete last line (%d bytes) left by an interrupted "
-                    "run; it is removed on the next append", path, len(torn))
-  return records
+  return io.read_jsonl(path, validate, what="rationale line",
+                       hint="fix or delete that line and rerun (the users on deleted lines "
+                       "are asked again)")
 
 
 def by_user(records: Iterable[dict]) -> dict[int, dict]:
@@ -97,73 +76,19 @@ def done_users(path: str) -> set[int]:
   return {record["user_id"] for record in read(path)}
 
 
-def _write_atomic(path: str, records: Iterable[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
-
-def dedupe(path: str) -> int:
-  """Keeps the first record of each user (rewritten atomically); returns how many it dropped."""
+def dedupe(path: str, keep: Callable[[dict], bool] | None = None) -> int:
+  """Keeps the first record of each user, of those `keep` accepts (all by default);
+  rewritten atomically; returns how many it dropped."""
   records = read(path)
-  unique = list(by_user(records).values())
-  if len(unique) != len(records) or _has_torn_tail(path):
-    _write_atomic(path, unique)
+  unique = list(by_user(r for r in records if keep is None or keep(r)).values())
+  if len(unique) != len(records) or io.has_torn_tail(path):
+    io.write_jsonl(path, unique)
   return len(records) - len(unique)
 
 
-def _has_torn_tail(path: str) -> bool:
-  if not os.path.exists(path) or os.path.getsize(path) == 0:
-    return False
-  with open(path, "rb") as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) != b"\n"
-
-
-def _cut_torn_tail(path: str) -> None:
-  """Truncates the file after its last newline, so the next append starts a clean line."""
-  if not _has_torn_tail(path):
-    return
-  with open(path, "rb+") as f:
-    data = f.read()
-    keep = data.rfind(b"\n") + 1
-    f.truncate(keep)
-    f.flush()
-    os.fsync(f.fileno())
-  logging.warning("%s: removed an incomplete last line (%d bytes) left by an interrupted run",
-                  path, len(data) - keep)
-
-
-class Appender:
-  """Appends records one complete, fsynced line at a time; safe to share between threads."""
+class Appender(io.JsonlAppender):
+  """Appends schema-checked records one complete, fsynced line at a time; thread-safe."""
 
   def __init__(self, path: str):
-    self.path = path
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    _cut_torn_tail(path)
-    self._file = open(path, "ab")
-    self._lock = threading.Lock()
-
-  def append(self, record: dict) -> None:
-    validate(record)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with self._lock:
-      self._file.write(line)
-      self._file.flush()
-      os.fsync(self._file.fileno())
-
-  def close(self) -> None:
-    with self._lock:
-      if not self._file.closed:
-        self._file.close()
-
-  def __enter__(self) -> "Appender":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
+    super().__init__(path, validate)

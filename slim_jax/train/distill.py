@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,11 +45,12 @@ LOG_DIR = "logs"
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  lora: lora_lib.LoraSpec = lora_lib.LoraSpec()
-  optim: optim.OptimConfig = optim.OptimConfig()
+  # Dropout 0.05 on the adapter input and 20 warmup steps: the usual LoRA fine-tuning recipe.
+  lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.05)
+  optim: optim.OptimConfig = optim.OptimConfig(warmup_steps=20)
   batch_size: int = 8  # examples per optimizer step (global, over all devices)
   microbatches: int = 1  # gradient accumulation: batch_size / microbatches per pass
-  max_length: int = 512
+  max_length: int = 1024  # prompt + rationale tokens per example; longer ones are cut
   eval_every: int = 50  # held-out NLL every N steps (and at the start and the end)
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
@@ -268,16 +270,22 @@ def train_and_evaluate(config: DistillConfig, model_config: llama.LlamaConfig,
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                   max_to_keep=config.keep_checkpoints)
   resumed_from = ckpt.latest_step()
+  state = None
   if resumed_from is not None:
     state, meta = ckpt.restore(distiller.abstract_state())
-    if meta.get("fingerprint") != run_id:
-      raise ValueError(
-          f"{ckpt.directory}: checkpoints come from another run (config or data differ: "
-          f"{meta.get('fingerprint')} != {run_id}); use a fresh --workdir, or delete "
-          f"{ckpt.directory} to start over")
-    logging.info("resumed from step %d (epoch %d, batch %d)", resumed_from,
-                 meta.get("epoch", -1), meta.get("batch_in_epoch", -1))
-  else:
+    if meta.get("fingerprint") == run_id:
+      logging.info("resumed from step %d (epoch %d, batch %d)", resumed_from,
+                   meta.get("epoch", -1), meta.get("batch_in_epoch", -1))
+    else:  # partial work of another config or data: never resumed
+      logging.warning("%s: checkpoints come from another run (config or data differ: %s != "
+                      "%s); deleting them and training from the start", ckpt.directory,
+                      meta.get("fingerprint"), run_id)
+      ckpt.close()
+      shutil.rmtree(ckpt.directory)
+      ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                      max_to_keep=config.keep_checkpoints)
+      state, resumed_from = None, None
+  if state is None:
     state = distiller.init_state()
   start = int(state.step)
 

@@ -4,8 +4,11 @@
 
 For each variant (slim_jax/recommenders/slim.py) on each backbone (ID-agnostic variants
 once, backbone 'none') and each seed, trains with slim_jax/train/loop.py and writes
-`<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically; a seed whose file
-exists is never retrained. Each result also holds the analyses of slim_jax/analysis.py on
+`<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each result records
+the fingerprint it was trained under (the pipeline stage's, else `default_fingerprint`: the
+spec, the prepared data and the embeddings); a seed whose result carries the current
+fingerprint is never retrained, one made under another is deleted, checkpoints included,
+and trained again. Each result also holds the analyses of slim_jax/analysis.py on
 the best checkpoint (share of head items in the top-10, metrics of the cold-start users).
 `spec.train_fraction < 1` thins every training prefix first (the sparsity analysis) and
 keeps its results in its own folder. The text vectors come from `<workdir>/embeddings/`.
@@ -14,16 +17,21 @@ keeps its results in its own folder. The text vectors come from `<workdir>/embed
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from slim_jax import analysis
+from slim_jax import io
 from slim_jax.data import dataset as dataset_lib
 from slim_jax.data import prepare, sequences
+from slim_jax.pipeline import layout as layout_lib
 from slim_jax.recommenders import slim
 from slim_jax.train import loop
 from slim_jax.train.checkpoints import Checkpointer
@@ -55,15 +63,15 @@ class GridSpec:
 
   @property
   def suffix(self) -> str:
-    return "" if self.train_fraction == 1.0 else f"_train{self.train_fraction:g}"
+    return layout_lib.fraction_suffix(self.train_fraction)
 
 
 def recommend_dir(workdir: str, spec: GridSpec) -> str:
-  return os.path.join(workdir, "recommend" + spec.suffix)
+  return layout_lib.RunLayout(workdir).recommend(spec.train_fraction)
 
 
 def text_vectors(workdir: str, name: str) -> np.ndarray:
-  return np.load(os.path.join(workdir, "embeddings", f"{name}.npy"))
+  return np.load(layout_lib.RunLayout(workdir).vectors(name))
 
 
 def load_data(workdir: str, spec: GridSpec) -> dataset_lib.SequenceDataset:
@@ -94,16 +102,36 @@ def cells(spec: GridSpec) -> list[tuple[str, str]]:
   return out
 
 
-def _write_json(path: str, value) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1, default=float)
-  os.replace(tmp, path)
+
+def default_fingerprint(workdir: str, spec: GridSpec) -> str:
+  """What a seed's result depends on: the spec, the prepared data, the embeddings."""
+  layout = layout_lib.RunLayout(workdir)
+  vectors = sorted(glob.glob(layout.vectors("*")))  # not the folder: it holds an XLA cache
+  inputs = {os.path.relpath(path, workdir): io.hash_path(path)
+            for path in [layout.data, layout.embeddings_manifest, *vectors]}
+  return hashlib.sha256(json.dumps({"spec": dataclasses.asdict(spec), "inputs": inputs},
+                                   sort_keys=True).encode()).hexdigest()
 
 
-def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print
-               ) -> tuple[dict, dict]:
+def _reusable_result(run_dir: str, fingerprint: str) -> dict | None:
+  """The seed's result if it was made under `fingerprint`; else its folder is removed."""
+  done = os.path.join(run_dir, "result.json")
+  if os.path.exists(done):
+    try:
+      result = io.read_json(done, "seed result")
+    except ValueError:
+      result = None
+    if isinstance(result, dict) and result.get("fingerprint") == fingerprint:
+      return result
+  if os.path.exists(run_dir):
+    shutil.rmtree(run_dir)  # stale or partial work of another fingerprint: never resumed
+  return None
+
+
+def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
+               fingerprint: str | None = None) -> tuple[dict, dict]:
   """Per (backbone, variant): the per-seed test metrics and the per-seed analyses."""
+  fingerprint = fingerprint or default_fingerprint(workdir, spec)
   data = load_data(workdir, spec)
   negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
   test = sequences.eval_set(data, "test", negatives, spec.max_len)
@@ -117,10 +145,8 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print
     for seed in spec.seeds:
       run_dir = os.path.join(recommend_dir(workdir, spec), backbone, variant, f"seed_{seed}")
       done = os.path.join(run_dir, "result.json")
-      if os.path.exists(done):
-        with open(done, encoding="utf-8") as f:
-          result = json.load(f)
-      else:
+      result = _reusable_result(run_dir, fingerprint)
+      if result is None:
         config = loop.TrainConfig(loss="bce", epochs=spec.epochs, batch_size=spec.batch,
                                   patience=spec.patience, eval_batch_size=spec.batch,
                                   max_len=spec.max_len, seed=seed, progress=False)
@@ -128,6 +154,7 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print
         result = loop.train_and_evaluate(model, data, negatives, config, run_dir,
                                          name=f"{backbone}/{variant}/{seed}", log=lambda _: None)
         result["wall_seconds"] = time.perf_counter() - start
+        result["fingerprint"] = fingerprint
         log(f"  {backbone}/{variant}/seed {seed}: test " + "  ".join(
             f"{k} {v:.4f}" for k, v in result["test"].items())
             + f"  ({result['wall_seconds']:.0f} s)")
@@ -135,14 +162,15 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print
         per_user = analysis.user_analysis(model, restore_best(run_dir), test, data.num_items,
                                           batch_size=spec.batch)
         result["analysis"] = analysis.summarize(per_user, head, cold)
-        _write_json(done, result)  # the result and its analysis land together
+        # the result and its analysis land together
+        io.write_json(done, result, indent=1, default=float)
       per_seed.append(result["test"])
       per_seed_analysis.append(result["analysis"])
     results[(backbone, variant)] = per_seed
     analyses[(backbone, variant)] = per_seed_analysis
-  _write_json(os.path.join(recommend_dir(workdir, spec), RESULTS_FILE), [
+  io.write_json(os.path.join(recommend_dir(workdir, spec), RESULTS_FILE), [
       {"backbone": b, "variant": v, "test": results[(b, v)], "analysis": analyses[(b, v)]}
-      for b, v in results])
+      for b, v in results], indent=1, default=float)
   return results, analyses
 
 

@@ -9,29 +9,20 @@ each step once and reads like an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
 
 import numpy as np
 
+from slim_jax import io
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(logdir: str) -> list[dict]:
   """All lines of `metrics.jsonl` (a torn last line, from a kill, is skipped)."""
-  path = os.path.join(logdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
+  return io.read_jsonl(os.path.join(logdir, METRICS_FILE), what="metrics line")
 
 
 class MetricsWriter:
@@ -44,11 +35,8 @@ class MetricsWriter:
     if os.path.exists(self.path):
       keep = [] if resume_step is None else [
           r for r in read_metrics(logdir) if r.get("step", 0) <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-      os.replace(tmp, self.path)
-    self._jsonl = open(self.path, "a", encoding="utf-8")
+      io.write_jsonl(self.path, keep)
+    self._jsonl = io.JsonlAppender(self.path)
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -56,20 +44,17 @@ class MetricsWriter:
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append({"step": int(step), "time": time.time(), **values})
     if self._tb is not None:
       for key, value in values.items():
         self._tb.add_scalar(key, value, int(step))
 
-  def flush(self) -> None:
-    self._jsonl.flush()
+  def flush(self) -> None:  # metrics lines are fsynced as they are written
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    if not self._jsonl.closed:
-      self._jsonl.close()
+    self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from slim_jax.convert import pretrained
 from slim_jax.convert import bert_hf
 from slim_jax.models import bert
 
@@ -33,7 +34,7 @@ def assert_same_tree(a, b):
 def test_round_trip_through_transformers(tiny, tmp_path):
   import transformers
   cfg, params = tiny
-  bert.save_pretrained(cfg, params, str(tmp_path / "ours"))
+  pretrained.save_bert(cfg, params, str(tmp_path / "ours"))
   model, info = transformers.BertModel.from_pretrained(str(tmp_path / "ours"),
                                                        output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -44,7 +45,7 @@ def test_round_trip_through_transformers(tiny, tmp_path):
   for key, value in exported.items():
     np.testing.assert_array_equal(state[key], value, err_msg=key)
   model.save_pretrained(str(tmp_path / "theirs"))
-  cfg2, params2, tok = bert.load_pretrained(str(tmp_path / "theirs"))
+  cfg2, params2, tok = pretrained.load_bert(str(tmp_path / "theirs"))
   assert tok is None
   assert cfg2 == cfg
   assert_same_tree(params, params2)
@@ -59,7 +60,7 @@ def rewrite(folder, fn):
 def test_task_model_names_and_old_layernorm_names(tiny, tmp_path):
   cfg, params = tiny
   folder = str(tmp_path)
-  bert.save_pretrained(cfg, params, folder)
+  pretrained.save_bert(cfg, params, folder)
 
   def to_pretraining(t):
     out = {}
@@ -72,58 +73,58 @@ def test_task_model_names_and_old_layernorm_names(tiny, tmp_path):
     return out
 
   rewrite(folder, to_pretraining)
-  _, loaded, _ = bert.load_pretrained(folder)
+  _, loaded, _ = pretrained.load_bert(folder)
   assert_same_tree(params, loaded)
 
 
 def test_no_pooler_weights_means_no_pooler(tiny, tmp_path):
   cfg, params = tiny
   folder = str(tmp_path)
-  bert.save_pretrained(cfg, params, folder)
+  pretrained.save_bert(cfg, params, folder)
   rewrite(folder, lambda t: {k: v for k, v in t.items() if not k.startswith("pooler.")})
-  cfg2, loaded, _ = bert.load_pretrained(folder)
+  cfg2, loaded, _ = pretrained.load_bert(folder)
   assert not cfg2.add_pooling_layer and "pooler" not in loaded
 
 
 def test_missing_extra_and_misshaped_tensors_are_named(tiny, tmp_path):
   cfg, params = tiny
   folder = str(tmp_path)
-  bert.save_pretrained(cfg, params, folder)
+  pretrained.save_bert(cfg, params, folder)
   original = load_file(os.path.join(folder, "model.safetensors"))
 
   rewrite(folder, lambda t: {k: v for k, v in t.items()
                              if k != "encoder.layer.1.output.dense.bias"})
   with pytest.raises(KeyError, match="encoder.layer.1.output.dense.bias"):
-    bert.load_pretrained(folder)
+    pretrained.load_bert(folder)
 
   rewrite(folder, lambda t: {**original, "encoder.layer.9.output.dense.bias": np.zeros(16)})
   with pytest.raises(KeyError, match="not used by the model"):
-    bert.load_pretrained(folder)
+    pretrained.load_bert(folder)
 
   rewrite(folder, lambda t: {**original,
                              "encoder.layer.0.intermediate.dense.weight": np.zeros((25, 16))})
   with pytest.raises(ValueError, match="encoder.layer.0.intermediate.dense.weight"):
-    bert.load_pretrained(folder)
+    pretrained.load_bert(folder)
 
 
 def test_unreadable_folders(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a folder"):
-    bert.load_pretrained(str(tmp_path / "nope"))
+    pretrained.load_bert(str(tmp_path / "nope"))
   (tmp_path / "config.json").write_text(json.dumps(bert.BertConfig.tiny().to_hf_config()
                                                    .to_dict()))
   (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
   with pytest.raises(FileNotFoundError, match="pytorch_model.bin is not read"):
-    bert.load_pretrained(str(tmp_path))
+    pretrained.load_bert(str(tmp_path))
   (tmp_path / "model.safetensors").write_bytes(b"garbage")
   with pytest.raises(ValueError, match="cannot read safetensors"):
-    bert.load_pretrained(str(tmp_path))
+    pretrained.load_bert(str(tmp_path))
 
 
 def test_config_errors_name_the_file(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
   save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match="config.json: not a BERT config"):
-    bert.load_pretrained(str(tmp_path))
+    pretrained.load_bert(str(tmp_path))
 
 
 def test_table_covers_every_parameter(tiny):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from slim_jax.convert import pretrained
 from slim_jax.convert import gguf_llama, llama_hf
 from slim_jax.models import llama
 
@@ -46,7 +47,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tied, shard
   config = llama.LlamaConfig.tiny(tie_word_embeddings=tied, rope_scaling={
       "rope_type": "linear", "factor": 2.0})
   params = tiny_params(config)
-  llama.save_pretrained(config, params, str(tmp_path), max_shard_bytes=40_000 if shard else
+  pretrained.save_llama(config, params, str(tmp_path), max_shard_bytes=40_000 if shard else
                         2 ** 40)
   files = os.listdir(tmp_path)
   assert ("model.safetensors.index.json" in files) == shard
@@ -56,15 +57,15 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tied, shard
   ours = np.asarray(llama.Llama(config).apply({"params": params}, ids, attention_mask=mask))
   valid = mask.astype(bool)
   assert np.abs(ours - torch_logits(hf, ids, mask))[valid].max() <= 1e-4
-  back_config, back, tokenizer = llama.load_pretrained(str(tmp_path))
+  back_config, back, tokenizer = pretrained.load_llama(str(tmp_path))
   assert back_config == config and tokenizer is None
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_bfloat16_loading_keeps_bfloat16(tmp_path):
   config = llama.LlamaConfig.tiny()
-  llama.save_pretrained(config, tiny_params(config), str(tmp_path))
-  back_config, back, _ = llama.load_pretrained(str(tmp_path), param_dtype="bfloat16")
+  pretrained.save_llama(config, tiny_params(config), str(tmp_path))
+  back_config, back, _ = pretrained.load_llama(str(tmp_path), param_dtype="bfloat16")
   assert back_config.param_dtype == "bfloat16"
   assert {x.dtype.name for x in jax.tree.leaves(back)} == {"bfloat16"}
 
@@ -146,7 +147,7 @@ def tiny_gguf(tmp_path_factory):
 def test_gguf_loads_to_the_dequantized_transformers_weights(tiny_gguf):
   import gguf
   path, model = tiny_gguf
-  config, params, tokenizer = llama.load_pretrained(str(path))
+  config, params, tokenizer = pretrained.load_llama(str(path))
   assert tokenizer is None
   assert (config.num_attention_heads, config.num_key_value_heads, config.rope_theta) == (
       4, 2, 1000.0)
@@ -166,55 +167,55 @@ def test_gguf_loads_to_the_dequantized_transformers_weights(tiny_gguf):
 
 def test_missing_paths_fail_clearly(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    llama.load_pretrained(str(tmp_path / "nope"))
+    pretrained.load_llama(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="config.json is missing"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
   config = llama.LlamaConfig.tiny()
-  llama.save_pretrained(config, tiny_params(config), str(tmp_path / "m"))
+  pretrained.save_llama(config, tiny_params(config), str(tmp_path / "m"))
   os.remove(tmp_path / "m" / "model.safetensors")
   with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-    llama.load_pretrained(str(tmp_path / "m"))
+    pretrained.load_llama(str(tmp_path / "m"))
 
 
 def test_non_llama_config_is_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(
       {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 10}))
   with pytest.raises(ValueError, match=r"config.json: not a LLaMA config: model_type='bert'"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
 
 
 def test_truncated_safetensors_names_the_file(tmp_path):
   config = llama.LlamaConfig.tiny()
-  llama.save_pretrained(config, tiny_params(config), str(tmp_path))
+  pretrained.save_llama(config, tiny_params(config), str(tmp_path))
   file = tmp_path / "model.safetensors"
   data = file.read_bytes()
   file.write_bytes(data[:len(data) // 2])
   with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors.*truncated"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
 
 
 def test_config_that_does_not_match_the_weights_names_the_key(tmp_path):
   config = llama.LlamaConfig.tiny()
-  llama.save_pretrained(config, tiny_params(config), str(tmp_path))
+  pretrained.save_llama(config, tiny_params(config), str(tmp_path))
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps(dict(hf, intermediate_size=96)))
   with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=1)))
   with pytest.raises(KeyError, match="not used by the model.*model.layers.1"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=3)))
   with pytest.raises(KeyError, match="'model.layers.2.*is missing"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
 
 
 def test_tied_config_with_a_different_head_is_refused(tmp_path):
   config = llama.LlamaConfig.tiny()
-  llama.save_pretrained(config, tiny_params(config), str(tmp_path))
+  pretrained.save_llama(config, tiny_params(config), str(tmp_path))
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps(dict(hf, tie_word_embeddings=True)))
   with pytest.raises(ValueError, match="lm_head.weight differs"):
-    llama.load_pretrained(str(tmp_path))
+    pretrained.load_llama(str(tmp_path))
 
 
 def test_truncated_or_foreign_gguf_fails_clearly(tiny_gguf, tmp_path):
@@ -224,10 +225,10 @@ def test_truncated_or_foreign_gguf_fails_clearly(tiny_gguf, tmp_path):
     bad = tmp_path / f"cut{n}.gguf"
     bad.write_bytes(data[:n])
     with pytest.raises(ValueError, match=f"cut{n}.gguf: cannot read the GGUF file.*truncated"):
-      llama.load_pretrained(str(bad))
+      pretrained.load_llama(str(bad))
   (tmp_path / "text.gguf").write_text("hello")
   with pytest.raises(ValueError, match="not a GGUF file"):
-    llama.load_pretrained(str(tmp_path / "text.gguf"))
+    pretrained.load_llama(str(tmp_path / "text.gguf"))
 
 
 def test_non_llama_gguf_is_refused(tmp_path):
@@ -240,4 +241,4 @@ def test_non_llama_gguf_is_refused(tmp_path):
   writer.write_tensors_to_file()
   writer.close()
   with pytest.raises(ValueError, match="general.architecture is 'bert'"):
-    llama.load_pretrained(str(tmp_path / "bert.gguf"))
+    pretrained.load_llama(str(tmp_path / "bert.gguf"))

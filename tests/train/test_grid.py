@@ -70,3 +70,28 @@ def test_sparsity_runs_keep_their_own_folder(tmp_path):
   assert not os.path.exists(os.path.join(work, "recommend"))
   with pytest.raises(ValueError, match="train_fraction"):
     _spec(train_fraction=1.5)
+
+
+def test_a_seed_made_under_another_fingerprint_is_trained_again(tmp_path, monkeypatch):
+  work, _ = _workdir(tmp_path)
+  spec = _spec(variants=("backbone",), epochs=1)
+  grid.train_grid(work, spec, log=lambda _: None)
+  result = tmp_path / "recommend" / "gru4rec" / "backbone" / "seed_0" / "result.json"
+  first = json.loads(result.read_text())
+  assert first["fingerprint"] == grid.default_fingerprint(work, spec)
+
+  trained = []
+  real = loop.train_and_evaluate
+  monkeypatch.setattr(loop, "train_and_evaluate",
+                      lambda *a, **k: trained.append(a[3].epochs) or real(*a, **k))
+  # New embeddings: same spec, other inputs, so the old result is stale.
+  np.save(tmp_path / "embeddings" / "student.npy",
+          np.ones((48, 8), np.float32))
+  grid.train_grid(work, spec, log=lambda _: None)
+  assert trained == [1]
+  assert json.loads(result.read_text())["fingerprint"] == grid.default_fingerprint(work, spec)
+  # Another --epochs: trained again, and the result carries the new fingerprint.
+  spec2 = _spec(variants=("backbone",), epochs=2)
+  grid.train_grid(work, spec2, log=lambda _: None)
+  assert trained == [1, 2]
+  assert json.loads(result.read_text())["fingerprint"] == grid.default_fingerprint(work, spec2)

@@ -9,7 +9,7 @@ import pytest
 from planted import planted_dataset
 from slim_jax import sharding
 from slim_jax.data import sequences
-from slim_jax.recommenders import backbone
+from slim_jax.recommenders import registry
 from slim_jax.train import loop, state as state_lib, steps
 
 
@@ -35,7 +35,7 @@ def test_ce_loss_excludes_padding_item():
 def test_train_step_compiles_once_and_shards_data(name, loss):
   data = planted_dataset(num_users=40, num_items=50)
   mesh = sharding.make_mesh("data=8")
-  model = backbone.make_recommender(name, num_items=data.num_items, max_len=10, hidden_size=16)
+  model = registry.make_recommender(name, num_items=data.num_items, max_len=10, hidden_size=16)
   tx = optax.adam(1e-2)
   example = lambda: (jnp.zeros((16, 10), jnp.int32), jnp.zeros((16,), jnp.int32))
   state, shardings = state_lib.create_train_state(model, tx, example, jax.random.PRNGKey(0),
@@ -60,7 +60,7 @@ def test_evaluate_is_independent_of_batch_size():
   negatives = sequences.sample_eval_negatives(data, 100, seed=0)
   eval_set = sequences.eval_set(data, "test", negatives, 10)
   mesh = sharding.make_mesh("data=8")
-  model = backbone.make_recommender("gru4rec", num_items=data.num_items, max_len=10,
+  model = registry.make_recommender("gru4rec", num_items=data.num_items, max_len=10,
                                     hidden_size=16)
   tx = optax.adam(1e-3)
   example = lambda: (jnp.zeros((8, 10), jnp.int32), jnp.zeros((8,), jnp.int32))
@@ -80,7 +80,7 @@ def test_evaluate_is_independent_of_batch_size():
 def test_learns_planted_structure_and_restores_best(tmp_path):
   data = planted_dataset()
   negatives = sequences.sample_eval_negatives(data, 100, seed=0)
-  model = backbone.make_recommender("gru4rec", num_items=data.num_items, max_len=20,
+  model = registry.make_recommender("gru4rec", num_items=data.num_items, max_len=20,
                                     hidden_size=32, dropout=0.1)
   config = loop.TrainConfig(loss="ce", epochs=25, batch_size=32, learning_rate=1e-2,
                             patience=3, eval_batch_size=64, max_len=20, progress=False)

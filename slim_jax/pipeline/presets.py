@@ -1,0 +1,70 @@
+"""The budget presets of experiments/run_slim.py: smoke (synthetic data, minutes on 2
+cores), default (MovieLens-100k sampled to 120 users, sized for a 2-core CPU), full (the
+paper-style grid, GPU for the LLM stages). Explicit flags override a preset's fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from slim_jax.recommenders import slim
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  dataset: str
+  synthetic: dict | None
+  max_users: int  # 0 = every user; else a seeded uniform sample of users (prepare.py)
+  teacher_users: int  # 0 = every user
+  max_history: int  # most recent training items in a teacher or student prompt
+  teacher_tokens: int
+  distill_steps: int
+  distill_max_length: int
+  student_tokens: int
+  backbones: tuple[str, ...]
+  variants: tuple[str, ...]
+  seeds: tuple[int, ...]
+  epochs: int
+  patience: int
+  hidden_size: int
+  batch_size: int
+  max_len: int
+  expected: dict  # stage -> expected seconds, for the time-left estimate
+
+
+ALL_VARIANTS = tuple(slim.VARIANTS)  # report order: backbone, backbone+, slim-, slim, agnostic...
+PRESETS = {
+    "smoke": Preset(
+        dataset="synthetic", synthetic={"num_users": 32, "num_items": 40, "num_clusters": 4,
+                                        "min_length": 6, "max_length": 10}, max_users=0,
+        teacher_users=16, max_history=10, teacher_tokens=24, distill_steps=2,
+        distill_max_length=448, student_tokens=24, backbones=("sasrec",),
+        variants=ALL_VARIANTS[:6], seeds=(0,), epochs=2, patience=2, hidden_size=16,
+        batch_size=16, max_len=10,
+        expected={"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
+                  "recommend": 120, "report": 5}),
+    "default": Preset(
+        dataset="ml-100k", synthetic=None, max_users=120, teacher_users=64, max_history=5,
+        teacher_tokens=128, distill_steps=12, distill_max_length=512, student_tokens=96,
+        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS,
+        seeds=(0, 1, 2, 3, 4), epochs=20, patience=3, hidden_size=64, batch_size=128,
+        max_len=50,
+        # Measured with 3 seeds on the idle 2-core CPU (commit 61d209e): teacher 106 s,
+        # distill 300 s, generate 125 s, encode 21 s, recommend 469 s (17.0 min in all);
+        # the recommend stage scaled to 5 seeds. A loaded machine has taken 2.5 times as long.
+        expected={"prepare": 5, "teacher": 110, "distill": 300, "generate": 120,
+                  "encode": 25, "recommend": 800, "report": 5}),
+    "full": Preset(
+        dataset="ml-100k", synthetic=None, max_users=0, teacher_users=0, max_history=50, teacher_tokens=512,
+        distill_steps=0, distill_max_length=1024, student_tokens=512,
+        backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
+        epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,
+        expected={"prepare": 10, "teacher": 20000, "distill": 5000, "generate": 20000,
+                  "encode": 300, "recommend": 20000, "report": 10}),
+}
+
+
+# Rows per generation batch. On 2 CPU cores a decode step of SmolLM2-135M at 32 rows costs
+# about 2.5 times one at 8 (users/s: 0.30 at 8, 0.43 at 32, 0.45 at 64). The teacher server
+# batches the client's concurrent requests: 16 keeps 64 teacher users at 4 full batches.
+TEACHER_BATCH = 16
+STUDENT_BATCH = 32
