@@ -444,36 +444,25 @@ def read_rationales(path: str, num_users: int, skip_bad_lines: bool = False
   path:line, unless skip_bad_lines. A torn last line (an interrupted writer) is skipped.
   """
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    lines = f.read().split(b"\n")
-  torn = lines.pop()
+
+  def check(record, where):
+    if not isinstance(record, dict):
+      raise ValueError("not a JSON object")
+    rationales.validate(record, where)
+    if not 0 <= record["user_id"] < num_users:
+      raise ValueError(f"user_id {record['user_id']} is outside 0..{num_users - 1} of the "
+                       "prepared data")
+    for key in STEPS if record["steps"] is not None else ():
+      if record["steps"][key] is not None and not isinstance(record["steps"][key], str):
+        raise ValueError(f"steps.{key} must be a string or null")
+
+  skipped: list[str] = []
+  rows = io.read_jsonl(path, check, what="rationale line",
+                       hint="fix or delete the line, or pass --skip_bad_lines to skip it "
+                       "(nothing was written)", skipped=skipped if skip_bad_lines else None)
   records: dict[int, dict] = {}
-  skipped = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    where = f"{path}:{number}"
-    try:
-      record = json.loads(line)
-      if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-      rationales.validate(record, where)
-      if not 0 <= record["user_id"] < num_users:
-        raise ValueError(f"user_id {record['user_id']} is outside 0..{num_users - 1} of the "
-                         "prepared data")
-      for key in STEPS if record["steps"] is not None else ():
-        if record["steps"][key] is not None and not isinstance(record["steps"][key], str):
-          raise ValueError(f"steps.{key} must be a string or null")
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-      message = f"{where}: malformed rationale line ({e})"
-      if not skip_bad_lines:
-        raise ValueError(f"{message}; fix or delete the line, or pass --skip_bad_lines to "
-                         "skip it (nothing was written)") from e
-      skipped.append(message)
-      continue
+  for record in rows:
     records.setdefault(record["user_id"], record)
-  if torn.strip():
-    skipped.append(f"{path}:{len(lines) + 1}: incomplete last line (an interrupted writer)")
   for message in skipped:
     logging.warning("skipped %s", message)
   return records, skipped

@@ -135,31 +135,52 @@ def has_torn_tail(path: str) -> bool:
     return f.read(1) != b"\n"
 
 
+def _complete_json(line: bytes) -> bool:
+  try:
+    json.loads(line)
+    return True
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return False
+
+
 def cut_torn_tail(path: str) -> int:
-  """Truncates the file after its last newline; returns the bytes removed."""
+  """Makes the file end with a newline before an append: a last line that is whole JSON
+  (written by hand without a newline) gets one; a torn line (a writer killed mid-append)
+  is truncated. Returns the bytes removed."""
   if not has_torn_tail(path):
     return 0
   with open(path, "rb+") as f:
     data = f.read()
     keep = data.rfind(b"\n") + 1
-    f.truncate(keep)
+    if _complete_json(data[keep:]):
+      f.write(b"\n")
+      keep = len(data) + 1
+    else:
+      f.truncate(keep)
     f.flush()
     os.fsync(f.fileno())
+  if keep > len(data):
+    return 0
   logging.warning("%s: removed an incomplete last line (%d bytes) left by an interrupted run",
                   path, len(data) - keep)
   return len(data) - keep
 
 
 def read_jsonl(path: str, validate: Callable[[Any, str], None] | None = None,
-               what: str = "line", hint: str = "fix or delete that line and rerun") -> list:
-  """Every complete line's value, in order. A torn last line (no newline: an interrupted
-  append) is skipped with a warning; any other line that is not JSON, or that `validate`
-  (value, 'path:line') rejects with a ValueError, is an error naming path:line."""
+               what: str = "line", hint: str = "fix or delete that line and rerun",
+               skipped: list[str] | None = None) -> list:
+  """Every complete line's value, in order. A torn last line (no newline and not whole
+  JSON: an interrupted append) is skipped with a warning; any other line that is not JSON,
+  or that `validate(value, 'path:line')` rejects with a ValueError, is an error naming
+  path:line, or, when a `skipped` list is given, is skipped and its reason appended."""
   if not os.path.exists(path):
     return []
   with open(path, "rb") as f:
     lines = f.read().split(b"\n")
   torn = lines.pop()  # b"" when the file ends with a newline
+  if torn.strip() and _complete_json(torn):  # a last line without its newline, not torn
+    lines.append(torn)
+    torn = b""
   rows = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -170,9 +191,14 @@ def read_jsonl(path: str, validate: Callable[[Any, str], None] | None = None,
       if validate is not None:
         validate(value, where)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-      raise ValueError(f"{where}: malformed {what} ({e}); {hint}") from e
+      if skipped is None:
+        raise ValueError(f"{where}: malformed {what} ({e}); {hint}") from e
+      skipped.append(f"{where}: malformed {what} ({e})")
+      continue
     rows.append(value)
   if torn.strip():
+    if skipped is not None:
+      skipped.append(f"{path}:{len(lines) + 1}: incomplete last line (an interrupted writer)")
     logging.warning("%s: ignoring an incomplete last line (%d bytes) left by an interrupted "
                     "run; it is removed on the next append", path, len(torn))
   return rows

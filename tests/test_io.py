@@ -62,3 +62,13 @@ def test_jsonl_validate_rejects_with_the_location(tmp_path):
       raise ValueError(f"{where}: no id")
   with pytest.raises(ValueError, match=r"rows.jsonl:2: no id"):
     io.read_jsonl(path, need_id)
+
+
+def test_a_whole_last_line_without_newline_is_kept_and_appended_after(tmp_path):
+  path = str(tmp_path / "rows.jsonl")
+  with open(path, "w") as f:
+    f.write('{"a": 1}\n{"a": 2}')  # written by hand, no final newline
+  assert io.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+  with io.JsonlAppender(path) as out:
+    out.append({"a": 3})
+  assert io.read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
