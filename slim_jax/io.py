@@ -51,6 +51,24 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """`with atomic_path(path) as tmp: library.save(obj, tmp)` for writers that take a file
+  name (safetensors, orbax): `tmp` is fsynced and renamed onto `path` on success, removed on
+  an exception."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = temporary_name(path)
+  try:
+    yield tmp
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 def write_text(path: str, text: str) -> None:
   with atomic_open(path) as f:
     f.write(text)

@@ -10,18 +10,16 @@ is removed and the heads dropped (logged). Old checkpoints name LayerNorm parame
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from slim_jax.convert import hf_folder
 from slim_jax.convert.table import (Table, flax_to_hf, hf_to_flax, identity,
                                     read_safetensors_folder, transpose)
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
@@ -83,33 +81,13 @@ def normalize_keys(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, 
 def read_config(path: str, **overrides):
   """BertConfig from <path>/config.json, with errors naming the file."""
   from slim_jax.models import bert  # pylint: disable=import-outside-toplevel
-  file = os.path.join(path, "config.json")
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"{file} is missing: a Hugging Face model folder needs "
-                            "config.json next to its safetensors")
-  try:
-    with open(file, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from e
-  try:
-    return bert.BertConfig.from_hf_config(data, **overrides)
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"{file}: {e}") from e
+  return hf_folder.read_config(path, bert.BertConfig, **overrides)
 
 
 def tensors_to_params(config, tensors: Mapping[str, np.ndarray], source: str) -> dict:
   """Strictly converts HF-named tensors (already normalised) to the Flax tree of `config`."""
   from slim_jax.models import bert  # pylint: disable=import-outside-toplevel
   return hf_to_flax(table(config), tensors, bert.param_shapes(config), source=source)
-
-
-def load_tokenizer(path: str):
-  """AutoTokenizer of the folder, or None when it holds no tokenizer files."""
-  if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-    return None
-  import transformers  # pylint: disable=import-outside-toplevel
-  return transformers.AutoTokenizer.from_pretrained(path)
 
 
 def load_folder(path: str, dtype: str | None = None) -> tuple[Any, dict, Any]:
@@ -123,15 +101,10 @@ def load_folder(path: str, dtype: str | None = None) -> tuple[Any, dict, Any]:
     overrides["dtype"] = dtype
   config = read_config(path, **overrides)
   params = tensors_to_params(config, tensors, source=path)
-  return config, params, load_tokenizer(path)
+  return config, params, hf_folder.load_tokenizer(path)
 
 
 def save_folder(config, params: Mapping, path: str, tokenizer=None) -> None:
   """config.json + model.safetensors (BertModel names) + the tokenizer when given."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  os.makedirs(path, exist_ok=True)
-  tensors = flax_to_hf(table(config), params)
-  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  config.to_hf_config().save_pretrained(path)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+  hf_folder.write_folder(path, flax_to_hf(table(config), params), config.to_hf_config(),
+                         tokenizer)

@@ -8,19 +8,17 @@ goes through this table too, so there is one conversion.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from slim_jax.convert import hf_folder
 from slim_jax.convert.table import (Table, flax_to_hf, hf_to_flax, identity,
                                     read_safetensors_folder, transpose)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def table(config) -> Table:
@@ -71,27 +69,7 @@ def tensors_to_params(config, tensors: dict[str, np.ndarray], source: str,
 def read_config(path: str):
   """LlamaConfig from <path>/config.json, with errors naming the file."""
   from slim_jax.models import llama  # pylint: disable=import-outside-toplevel
-  file = os.path.join(path, "config.json")
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"{file} is missing: a Hugging Face model folder needs "
-                            "config.json next to its safetensors")
-  try:
-    with open(file, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from e
-  try:
-    return llama.LlamaConfig.from_hf_config(data)
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"{file}: {e}") from e
-
-
-def load_tokenizer(path: str):
-  """AutoTokenizer of the folder, or None when it holds no tokenizer files."""
-  if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-    return None
-  import transformers  # pylint: disable=import-outside-toplevel
-  return transformers.AutoTokenizer.from_pretrained(path)
+  return hf_folder.read_config(path, llama.LlamaConfig)
 
 
 def load_folder(path: str, param_dtype=None) -> tuple[Any, dict, Any]:
@@ -102,35 +80,11 @@ def load_folder(path: str, param_dtype=None) -> tuple[Any, dict, Any]:
     config = dataclasses.replace(config, param_dtype=param_dtype)
   tensors = read_safetensors_folder(path)
   params = tensors_to_params(config, tensors, source=path, param_dtype=param_dtype)
-  return config, params, load_tokenizer(path)
+  return config, params, hf_folder.load_tokenizer(path)
 
 
 def save_folder(config, params: Mapping, path: str, tokenizer=None,
                 max_shard_bytes: int = 5 * 2 ** 30) -> None:
   """config.json + model.safetensors (sharded with an index past max_shard_bytes)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  os.makedirs(path, exist_ok=True)
-  tensors = flax_to_hf(table(config), params)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for key in sorted(tensors):
-    nbytes = tensors[key].nbytes
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][key] = tensors[key]
-    size += nbytes
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-      weight_map.update({key: name for key in shard})
-    total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  config.to_hf_config().save_pretrained(path)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+  hf_folder.write_folder(path, flax_to_hf(table(config), params), config.to_hf_config(),
+                         tokenizer, max_shard_bytes=max_shard_bytes)

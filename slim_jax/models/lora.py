@@ -208,7 +208,7 @@ def save_peft(path: str, lora: Params, spec: LoraSpec, base_model_name_or_path: 
   [out, r] (= b.T). `num_layers` (the model's layer count) lets the config say whether
   every layer is adapted. Files are written to temporary names and renamed.
   """
-  from safetensors.numpy import save as safetensors_save
+  from safetensors.numpy import save_file
 
   os.makedirs(path, exist_ok=True)
   adapters = traverse_util.flatten_dict(dict(lora), is_leaf=_adapter_leaf)
@@ -233,8 +233,8 @@ def save_peft(path: str, lora: Params, spec: LoraSpec, base_model_name_or_path: 
       "modules_to_save": None,
       **_peft_target_config(list(adapters), num_layers),
   }
-  io.write_bytes(os.path.join(path, PEFT_WEIGHTS_FILE),
-                 safetensors_save(tensors, metadata={"format": "pt"}))
+  with io.atomic_path(os.path.join(path, PEFT_WEIGHTS_FILE)) as tmp:
+    save_file(tensors, tmp, metadata={"format": "pt"})
   io.write_json(os.path.join(path, PEFT_CONFIG_FILE), config)
 
 
