@@ -322,7 +322,8 @@ class ChatServer:
     self.stopped = threading.Event()
     self._thread: threading.Thread | None = None
     self._sampling_cls = sampling_cls
-    self.httpd = http.server.ThreadingHTTPServer((host, port), _make_handler(self))
+    self.httpd = http.server.ThreadingHTTPServer((host, port), ChatHandler)
+    self.httpd.chat_server = self
     self.httpd.daemon_threads = True  # idle keep-alive connections must not block exit
 
   @property
@@ -413,166 +414,167 @@ class ChatServer:
     return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _make_handler(server: ChatServer):
+class ChatHandler(http.server.BaseHTTPRequestHandler):
+  """One HTTP connection's requests; the ChatServer it serves is `self.chat`."""
+  protocol_version = "HTTP/1.1"
+  server_version = "slim-jax"
 
-  class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "slim-jax"
+  @property
+  def chat(self) -> "ChatServer":
+    return self.server.chat_server
 
-    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-      logging.debug("%s %s", self.address_string(), format % args)
+  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+    logging.debug("%s %s", self.address_string(), format % args)
 
-    # -- plumbing
+  # -- plumbing
 
-    def _send_json(self, status: int, payload: dict) -> None:
-      data = json.dumps(payload).encode("utf-8")
-      self.send_response(status)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(data)))
-      if server._draining:
-        self.send_header("Connection", "close")
-        self.close_connection = True
-      self.end_headers()
-      self.wfile.write(data)
+  def _send_json(self, status: int, payload: dict) -> None:
+    data = json.dumps(payload).encode("utf-8")
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    if self.chat._draining:
+      self.send_header("Connection", "close")
+      self.close_connection = True
+    self.end_headers()
+    self.wfile.write(data)
 
-    def _send_error(self, error: APIError) -> None:
-      self._send_json(error.status, error.body())
+  def _send_error(self, error: APIError) -> None:
+    self._send_json(error.status, error.body())
 
-    def _read_json(self):
-      length = self.headers.get("Content-Length")
-      if length is None:
-        raise APIError(411, "a Content-Length header is required")
-      try:
-        raw = self.rfile.read(int(length))
-        return json.loads(raw)
-      except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+  def _read_json(self):
+    length = self.headers.get("Content-Length")
+    if length is None:
+      raise APIError(411, "a Content-Length header is required")
+    try:
+      raw = self.rfile.read(int(length))
+      return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise APIError(400, f"the request body is not valid JSON: {e}") from None
 
-    def _handle(self, fn) -> None:
-      server._enter()
-      try:
-        fn()
-      except APIError as e:
-        self._send_error(e)
-      except (BrokenPipeError, ConnectionResetError):
-        self.close_connection = True
-      except Exception as e:  # pylint: disable=broad-except
-        logging.exception("internal error")
-        self._send_error(APIError(500, f"internal server error: {type(e).__name__}",
-                                  type_="server_error"))
-      finally:
-        server._leave()
+  def _handle(self, fn) -> None:
+    self.chat._enter()
+    try:
+      fn()
+    except APIError as e:
+      self._send_error(e)
+    except (BrokenPipeError, ConnectionResetError):
+      self.close_connection = True
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("internal error")
+      self._send_error(APIError(500, f"internal server error: {type(e).__name__}",
+                                type_="server_error"))
+    finally:
+      self.chat._leave()
 
-    # -- routes
+  # -- routes
 
-    def do_GET(self):  # noqa: N802
-      self._handle(self._get)
+  def do_GET(self):  # noqa: N802
+    self._handle(self._get)
 
-    def do_POST(self):  # noqa: N802
-      self._handle(self._post)
+  def do_POST(self):  # noqa: N802
+    self._handle(self._post)
 
-    def _get(self) -> None:
-      path = self.path.split("?")[0].rstrip("/")
-      if path == "/v1/models":
-        self._send_json(200, server.models())
-      elif path == f"/v1/models/{server.model_name}":
-        self._send_json(200, server.model_card())
-      elif path.startswith("/v1/models/"):
-        raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist",
-                       param="model", code="model_not_found")
-      elif path == "/health":
-        self._send_json(200, {"status": "ok"})
-      elif path == "/v1/chat/completions":
-        raise APIError(405, "use POST for /v1/chat/completions")
-      else:
-        raise APIError(404, f"unknown path {path}; this server has /v1/models and "
-                       "/v1/chat/completions", code="unknown_url")
+  def _get(self) -> None:
+    path = self.path.split("?")[0].rstrip("/")
+    if path == "/v1/models":
+      self._send_json(200, self.chat.models())
+    elif path == f"/v1/models/{self.chat.model_name}":
+      self._send_json(200, self.chat.model_card())
+    elif path.startswith("/v1/models/"):
+      raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist",
+                     param="model", code="model_not_found")
+    elif path == "/health":
+      self._send_json(200, {"status": "ok"})
+    elif path == "/v1/chat/completions":
+      raise APIError(405, "use POST for /v1/chat/completions")
+    else:
+      raise APIError(404, f"unknown path {path}; this server has /v1/models and "
+                     "/v1/chat/completions", code="unknown_url")
 
-    def _post(self) -> None:
-      path = self.path.split("?")[0].rstrip("/")
-      if path != "/v1/chat/completions":
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep the stream in step
-        raise APIError(404, f"unknown path {path}; POST /v1/chat/completions",
-                       code="unknown_url")
-      with server.batcher.arriving():
-        body = self._read_json()
-        if server._draining:
-          raise APIError(503, "the server is shutting down", type_="server_error")
-        request = parse_chat_request(body, server.model_name)
-        job, prompt_tokens = server.prepare(request)
-        events: queue.Queue = queue.Queue()
-        if request.stream:
-          job.on_text = lambda index, text: events.put((index, text))
-        server.batcher.submit(job)
+  def _post(self) -> None:
+    path = self.path.split("?")[0].rstrip("/")
+    if path != "/v1/chat/completions":
+      self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep the stream in step
+      raise APIError(404, f"unknown path {path}; POST /v1/chat/completions",
+                     code="unknown_url")
+    with self.chat.batcher.arriving():
+      body = self._read_json()
+      if self.chat._draining:
+        raise APIError(503, "the server is shutting down", type_="server_error")
+      request = parse_chat_request(body, self.chat.model_name)
+      job, prompt_tokens = self.chat.prepare(request)
+      events: queue.Queue = queue.Queue()
       if request.stream:
-        self._stream(request, job, prompt_tokens, events)
-      else:
-        job.done.wait()
-        if job.error is not None:
-          raise APIError(500, f"generation failed: {type(job.error).__name__}: {job.error}",
-                         type_="server_error")
-        self._send_json(200, _completion_body(server.model_name, job.completions,
-                                              prompt_tokens))
-
-    def _write_chunk(self, data: bytes) -> None:
-      self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-      self.wfile.flush()
-
-    def _stream(self, request: ChatRequest, job: _Job, prompt_tokens: int,
-                events: queue.Queue) -> None:
-      """Writes a submitted job's text as it arrives in `events` (its `on_text`)."""
-      self.send_response(200)
-      self.send_header("Content-Type", "text/event-stream")
-      self.send_header("Cache-Control", "no-cache")
-      self.send_header("Transfer-Encoding", "chunked")
-      self.end_headers()
-      stream_id = f"chatcmpl-{uuid.uuid4().hex}"
-      created = int(time.time())
-
-      def send(choices, usage=None, with_usage=False):
-        chunk = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
-                 "model": server.model_name, "system_fingerprint": None, "choices": choices}
-        if request.include_usage:
-          chunk["usage"] = usage
-        self._write_chunk(b"data: " + json.dumps(chunk).encode("utf-8") + b"\n\n")
-
-      for index in range(request.n):
-        send([{"index": index, "delta": {"role": "assistant", "content": ""},
-               "logprobs": None, "finish_reason": None}])
-      # The generator's callback streams only text that cannot grow into a stop string
-      # (generate._Row.take_stream_text); the final flush sends what it held back.
-      sent = [""] * request.n
-
-      def flush(index: int, text: str) -> None:
-        if text:
-          sent[index] += text
-          send([{"index": index, "delta": {"content": text}, "logprobs": None,
-                 "finish_reason": None}])
-
-      while not job.done.is_set() or not events.empty():
-        try:
-          index, text = events.get(timeout=0.05)
-        except queue.Empty:
-          continue
-        flush(index, text)
+        job.on_text = lambda index, text: events.put((index, text))
+      self.chat.batcher.submit(job)
+    if request.stream:
+      self._stream(request, job, prompt_tokens, events)
+    else:
+      job.done.wait()
       if job.error is not None:
-        error = APIError(500, f"generation failed: {type(job.error).__name__}",
-                         type_="server_error")
-        self._write_chunk(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
-      else:
-        for index, completion in enumerate(job.completions):
-          final = completion.text
-          flush(index, final[len(sent[index]):] if final.startswith(sent[index]) else "")
-          send([{"index": index, "delta": {}, "logprobs": None,
-                 "finish_reason": completion.finish_reason}])
-        if request.include_usage:
-          send([], usage=_usage(job.completions, prompt_tokens))
-      self._write_chunk(b"data: [DONE]\n\n")
-      self._write_chunk(b"")  # the terminating zero-length chunk
-      if server._draining:
-        self.close_connection = True
+        raise APIError(500, f"generation failed: {type(job.error).__name__}: {job.error}",
+                       type_="server_error")
+      self._send_json(200, _completion_body(self.chat.model_name, job.completions,
+                                            prompt_tokens))
 
-  return Handler
+  def _write_chunk(self, data: bytes) -> None:
+    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    self.wfile.flush()
+
+  def _stream(self, request: ChatRequest, job: _Job, prompt_tokens: int,
+              events: queue.Queue) -> None:
+    """Writes a submitted job's text as it arrives in `events` (its `on_text`)."""
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Cache-Control", "no-cache")
+    self.send_header("Transfer-Encoding", "chunked")
+    self.end_headers()
+    stream_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def send(choices, usage=None, with_usage=False):
+      chunk = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
+               "model": self.chat.model_name, "system_fingerprint": None, "choices": choices}
+      if request.include_usage:
+        chunk["usage"] = usage
+      self._write_chunk(b"data: " + json.dumps(chunk).encode("utf-8") + b"\n\n")
+
+    for index in range(request.n):
+      send([{"index": index, "delta": {"role": "assistant", "content": ""},
+             "logprobs": None, "finish_reason": None}])
+    # The generator's callback streams only text that cannot grow into a stop string
+    # (generate._Row.take_stream_text); the final flush sends what it held back.
+    sent = [""] * request.n
+
+    def flush(index: int, text: str) -> None:
+      if text:
+        sent[index] += text
+        send([{"index": index, "delta": {"content": text}, "logprobs": None,
+               "finish_reason": None}])
+
+    while not job.done.is_set() or not events.empty():
+      try:
+        index, text = events.get(timeout=0.05)
+      except queue.Empty:
+        continue
+      flush(index, text)
+    if job.error is not None:
+      error = APIError(500, f"generation failed: {type(job.error).__name__}",
+                       type_="server_error")
+      self._write_chunk(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
+    else:
+      for index, completion in enumerate(job.completions):
+        final = completion.text
+        flush(index, final[len(sent[index]):] if final.startswith(sent[index]) else "")
+        send([{"index": index, "delta": {}, "logprobs": None,
+               "finish_reason": completion.finish_reason}])
+      if request.include_usage:
+        send([], usage=_usage(job.completions, prompt_tokens))
+    self._write_chunk(b"data: [DONE]\n\n")
+    self._write_chunk(b"")  # the terminating zero-length chunk
+    if self.chat._draining:
+      self.close_connection = True
 
 
 def _usage(completions, prompt_tokens: int) -> dict:
