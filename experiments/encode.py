@@ -20,8 +20,8 @@ from absl import app
 from absl import flags
 import jax
 
-from slim_jax import assets
 from slim_jax import encode
+from slim_jax.pipeline import stages
 from slim_jax.pipeline.layout import RunLayout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (holds data/ and rationales/).")
@@ -32,13 +32,14 @@ _POOLING = flags.DEFINE_enum("pooling", None, list(encode.POOLING_MODES),
                              "Default: the folder's 1_Pooling/config.json, else mean.")
 _NORMALIZE = flags.DEFINE_bool("normalize", None, "L2-normalise the vectors. Default: when "
                                "the folder's modules.json has a Normalize module.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Texts per batch.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", stages.EncodeConfig.batch_size, "Texts per batch.")
 _MAX_LENGTH = flags.DEFINE_integer(
     "max_length", None, "Tokens per text, longer texts are truncated. Default: the folder's "
     "sentence_bert_config.json max_seq_length, else max_position_embeddings.")
 _SOURCES = flags.DEFINE_list("sources", None, "Rationale sources to encode (teacher, "
                              "student). Default: every rationale file present.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_DTYPE = flags.DEFINE_enum("dtype", stages.EncodeConfig.dtype, ["float32", "bfloat16"],
+                            "Compute dtype.")
 _SKIP_BAD_LINES = flags.DEFINE_bool(
     "skip_bad_lines", False, "Skip and report malformed rationale lines instead of failing.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -53,21 +54,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  layout = RunLayout(_WORKDIR.value)
   # Compiled bucket programs are kept, so a rerun with new texts starts encoding at once.
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(RunLayout(_WORKDIR.value).embeddings, "cache", "xla"))
+  jax.config.update("jax_compilation_cache_dir", os.path.join(layout.embeddings, "cache", "xla"))
+  config = stages.EncodeConfig(
+      encoder=_ENCODER.value, pooling=_POOLING.value, normalize=_NORMALIZE.value,
+      batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value,
+      sources=tuple(_SOURCES.value) if _SOURCES.value else None, dtype=_DTYPE.value,
+      skip_bad_lines=_SKIP_BAD_LINES.value, progress=_PROGRESS.value)
   try:
-    encoder = encode.TextEncoder(_ENCODER.value or assets.minilm_folder(), pooling=_POOLING.value,
-                                 normalize=_NORMALIZE.value, max_length=_MAX_LENGTH.value,
-                                 batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value)
-    summary = encode.run_stage(_WORKDIR.value, encoder, sources=_SOURCES.value,
-                               skip_bad_lines=_SKIP_BAD_LINES.value,
-                               progress=_PROGRESS.value)
+    summary = stages.encode(layout, config)
   except (FileNotFoundError, ValueError, KeyError) as e:  # the message says what to do
     print(f"encode.py: error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"encoded {summary['encoded']} new texts; embeddings and manifest.json in "
-        f"{RunLayout(_WORKDIR.value).embeddings}")
+        f"{layout.embeddings}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ the paths):
              own OpenAI-compatible server, slim_jax/serve.py, with SmolLM2 as offline teacher,
              or any --teacher_base_url / OpenAI)
   distill    distill/peft_adapter/                (experiments/distill.py)
-  generate   rationales/student.jsonl             (experiments/generate_rationales.py)
-  encode     embeddings/                          (experiments/encode.py)
+  generate   rationales/student.jsonl             (slim_jax/pipeline/stages.py, in process)
+  encode     embeddings/                          (slim_jax/pipeline/stages.py, in process)
   recommend  recommend/<backbone>/<variant>/seed_<s>/result.json  (slim_jax/train/grid.py:
-             slim_jax/recommenders/slim.py's models, a finished seed is never retrained, and
+             slim_jax/recommenders/slim.py's models, a seed finished under the same
+             fingerprint is never retrained, and
              the popularity-bias and cold-start analyses of slim_jax/analysis.py)
   report     report/results.{md,csv,png}, report/interpretability.md (slim_jax/report.py)
 
@@ -165,6 +166,7 @@ def main(argv):
   del argv
   from slim_jax import assets, report  # pylint: disable=import-outside-toplevel
   from slim_jax.pipeline import runner as pipeline  # pylint: disable=import-outside-toplevel
+  from slim_jax.pipeline import stages  # pylint: disable=import-outside-toplevel
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
   from slim_jax.train import grid  # pylint: disable=import-outside-toplevel
   from slim_jax.recommenders import registry  # pylint: disable=import-outside-toplevel
@@ -275,18 +277,14 @@ def main(argv):
         "--eval_every=1000000", "--checkpoint_every=50")
 
   def generate_stage(fingerprint):
-    _py(w, "generate_rationales.py", f"--workdir={w}", f"--student={student}",
-        f"--fingerprint={fingerprint}",
-        f"--adapter={adapter}", f"--max_new_tokens={preset.student_tokens}",
-        f"--max_history={preset.max_history}",
-        f"--batch_size={STUDENT_BATCH}")
+    stages.generate(layout, stages.GenerateConfig(
+        student=student, adapter=adapter, max_new_tokens=preset.student_tokens,
+        max_history=preset.max_history, batch_size=STUDENT_BATCH), fingerprint)
 
   def encode_stage(fingerprint):
-    del fingerprint  # encode.py reuses only vectors of identical texts
-    args = [f"--workdir={w}", "--progress=false"]
-    if FLAGS.encoder:
-      args.append(f"--encoder={FLAGS.encoder}")
-    _py(w, "encode.py", *args)
+    del fingerprint  # encode reuses only vectors of identical texts
+    summary = stages.encode(layout, stages.EncodeConfig(encoder=FLAGS.encoder, progress=False))
+    print(f"encoded {summary['encoded']} new texts into {layout.embeddings}", flush=True)
 
   rec_dir = layout.recommend(spec.train_fraction)
   report_dir = layout.report(spec.train_fraction)
@@ -309,7 +307,7 @@ def main(argv):
                                  grid.interpretability_cases(w, spec, student))
 
   P = pipeline.Stage
-  stages = [
+  plan = [
       P("prepare", prepare_stage, raw_inputs(dataset, FLAGS.data_dir, source_dir), [data_dir],
         {"dataset": dataset, "data_dir": FLAGS.data_dir, "synthetic": preset.synthetic,
          "max_users": max_users}),
@@ -333,14 +331,14 @@ def main(argv):
         [os.path.join(report_dir, f) for f in ("results.md", "results.csv", "results.png",
                                                 "interpretability.md")], {}),
   ]
-  by_name = {s.name: s for s in stages}
-  for s in stages:
+  by_name = {s.name: s for s in plan}
+  for s in plan:
     s.expected_seconds = preset.expected[s.name]
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_compilation_cache_dir", stage_env(w)["JAX_COMPILATION_CACHE_DIR"])
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
   with exit_stack:
-    runner.run(stages, force=force)
+    runner.run(plan, force=force)
   print(f"report: {os.path.join(report_dir, 'results.md')}")
 
 

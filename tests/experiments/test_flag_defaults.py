@@ -40,3 +40,22 @@ def test_override_rebuilds_nested_fields():
   config = config_flags.override(distill.DistillConfig(), {"lora.rank": 4, "max_length": 64})
   assert config.lora.rank == 4 and config.max_length == 64
   assert config.lora.dropout == distill.DistillConfig().lora.dropout
+
+
+GENERATE_CHILD = r"""
+import dataclasses, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/experiments"]
+import generate_rationales as script
+from slim_jax.pipeline import stages
+fields = {f.name: f.default for f in dataclasses.fields(stages.GenerateConfig)}
+print(json.dumps({name: [fields[name], script.FLAGS[name].default]
+                  for name in script.CONFIG_FIELDS}))
+"""
+
+
+def test_generate_rationales_flag_defaults_are_the_generate_config_fields():
+  proc = subprocess.run([sys.executable, "-c", GENERATE_CHILD, ROOT], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  pairs = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(pairs) == 6 and all(want == have for want, have in pairs.values()), pairs

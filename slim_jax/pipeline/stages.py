@@ -1,0 +1,138 @@
+"""Stages of a SLIM run as library functions: each takes the run's layout and that stage's
+frozen config. experiments/run_slim.py calls them in its own process; the stage scripts
+(experiments/generate_rationales.py, experiments/encode.py) are absl wrappers over them.
+
+  stages.generate(RunLayout(w), stages.GenerateConfig(student=..., adapter=...))
+  stages.encode(RunLayout(w), stages.EncodeConfig())
+
+Stages that keep a process boundary on purpose: the teacher (the model behind an
+OpenAI-compatible server, python -m slim_jax.serve) and distillation (experiments/distill.py:
+multi-host training initialises jax.distributed per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+
+from slim_jax import io
+from slim_jax.pipeline.layout import RunLayout
+from slim_jax.teacher import prompts
+
+
+# ----------------------------------------------------------------------------- generate
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """The student writes every user's rationale (SLIM step 3)."""
+  student: str  # Hugging Face LLaMA folder or .gguf
+  adapter: str | None  # PEFT LoRA folder; None: the base student
+  max_new_tokens: int = 256
+  batch_size: int = 32  # most users per batch; batches are balanced
+  max_seq_len: int = 2048  # prompt plus rationale tokens per row
+  max_history: int = prompts.DEFAULT_MAX_HISTORY
+  num_users: int = 0  # only the first N users (0: every user)
+  temperature: float = 0.0  # 0 = greedy
+
+  def fingerprint(self) -> str:
+    """What a rationale depends on besides its prompt: the student (file identity), the
+    adapter's contents and the generation settings."""
+    identity = {"student": os.path.abspath(self.student),
+                "student_files": io.stat_signature(self.student),
+                "adapter": io.hash_path(self.adapter) if self.adapter else None,
+                "max_new_tokens": self.max_new_tokens, "max_seq_len": self.max_seq_len,
+                "temperature": self.temperature}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None = None) -> int:
+  """Appends one record per user to rationales/student.jsonl, each carrying `fingerprint`
+  (default: `config.fingerprint()`); returns how many users were written.
+
+  Resumable: users already in the file under the same fingerprint and prompt are kept;
+  records of another fingerprint or prompt are dropped and written again; a torn last
+  line is cut; duplicates are dropped."""
+  from slim_jax import generator_loading  # pylint: disable=import-outside-toplevel
+  from slim_jax.data import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
+  from slim_jax.generate import SamplingParams, balanced_batch_size  # pylint: disable=import-outside-toplevel
+  from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(layout.data):
+    raise FileNotFoundError(f"{layout.data} is missing: prepare the data first "
+                            "(experiments/prepare_data.py)")
+  if config.adapter is not None and not os.path.isdir(config.adapter):
+    raise FileNotFoundError(f"adapter {config.adapter} does not exist: run "
+                            "experiments/distill.py first, or generate with the base student "
+                            "(generate_rationales.py --adapter=none)")
+  fingerprint = fingerprint or config.fingerprint()
+  data = dataset_lib.load(layout.data)
+  out = layout.student_rationales
+  users = range(data.num_users if config.num_users <= 0
+                else min(config.num_users, data.num_users))
+  messages_of = {u: prompts.build_messages(data, u, max_history=config.max_history)
+                 for u in users}
+  done = set()
+  if os.path.exists(out):
+    stale = rationales.dedupe(out, keep=lambda r: r.get("fingerprint") == fingerprint and (
+        r["user_id"] not in messages_of or r["messages"] == messages_of[r["user_id"]]))
+    if stale:
+      logging.warning("%s: dropped %d rationales made from another student, adapter, flag "
+                      "or prompt; writing them again", out, stale)
+    done = rationales.done_users(out)
+  todo = [u for u in users if u not in done]
+  logging.info("student rationales: %d users, %d already in %s", len(users), len(done), out)
+  if not todo:
+    return 0
+  batch_size = balanced_batch_size(len(todo), config.batch_size)
+  generator, name = generator_loading.load_generator(
+      config.student, config.adapter, batch_size, config.max_seq_len, "float32",
+      pad_batches=True)
+  sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
+                            temperature=config.temperature)
+  start = time.perf_counter()
+  with rationales.Appender(out) as sink:
+    for i in range(0, len(todo), batch_size):
+      batch = todo[i:i + batch_size]
+      messages = [messages_of[u] for u in batch]
+      for u, m, c in zip(batch, messages, generator.chat(messages, sampling)):
+        sink.append({**rationales.make_record(
+            user_id=u, messages=m, response=c.text,
+            model=name + ("+lora" if config.adapter else ""),
+            prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+            finish_reason=c.finish_reason), "fingerprint": fingerprint})
+      done_n = i + len(batch)
+      rate = done_n / (time.perf_counter() - start)
+      logging.info("student rationales %d/%d (%.2f users/s, about %.0f s left)", done_n,
+                   len(todo), rate, (len(todo) - done_n) / rate)
+  return len(todo)
+
+
+# ----------------------------------------------------------------------------- encode
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+  """BERT vectors of item descriptions and rationales (slim_jax/encode.py)."""
+  encoder: str | None = None  # BERT folder; None: all-MiniLM-L6-v2 (slim_jax/assets.py)
+  pooling: str | None = None  # None: the folder's 1_Pooling/config.json, else mean
+  normalize: bool | None = None  # None: when the folder's modules.json has Normalize
+  batch_size: int = 64
+  max_length: int | None = None  # None: sentence_bert_config.json, else the model's
+  sources: tuple[str, ...] | None = None  # None: every rationale file present
+  dtype: str = "float32"
+  skip_bad_lines: bool = False
+  progress: bool = True
+
+
+def encode(layout: RunLayout, config: EncodeConfig) -> dict:
+  """Writes embeddings/*.npy and manifest.json; returns the summary of encode.run_stage."""
+  from slim_jax import assets  # pylint: disable=import-outside-toplevel
+  from slim_jax import encode as encode_lib  # pylint: disable=import-outside-toplevel
+  encoder = encode_lib.TextEncoder(
+      config.encoder or assets.minilm_folder(), pooling=config.pooling,
+      normalize=config.normalize, max_length=config.max_length,
+      batch_size=config.batch_size, dtype=config.dtype)
+  return encode_lib.run_stage(layout.workdir, encoder, sources=config.sources,
+                              skip_bad_lines=config.skip_bad_lines, progress=config.progress)
