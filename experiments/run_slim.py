@@ -6,9 +6,9 @@
 Stages (slim_jax/pipeline/runner.py fingerprints each; slim_jax/pipeline/layout.py names
 the paths):
   prepare    <workdir>/data/                      (slim_jax/data/prepare.py)
-  teacher    rationales/teacher.jsonl             (experiments/teacher.py against the project's
-             own OpenAI-compatible server, slim_jax/serve.py, with SmolLM2 as offline teacher,
-             or any --teacher_base_url / OpenAI)
+  teacher    rationales/teacher.jsonl             (slim_jax/pipeline/stages.py, in process,
+             against the project's own OpenAI-compatible server, slim_jax/serve.py, in a
+             process of its own with SmolLM2 as offline teacher, or any --teacher_base_url)
   distill    distill/peft_adapter/                (experiments/distill.py)
   generate   rationales/student.jsonl             (slim_jax/pipeline/stages.py, in process)
   encode     embeddings/                          (slim_jax/pipeline/stages.py, in process)
@@ -250,21 +250,33 @@ def main(argv):
                             max_users=max_users)
 
   def teacher_stage(fingerprint):
-    del fingerprint  # each record keeps its prompt; teacher.py refuses mixed settings
-    common = [f"--workdir={w}", f"--dataset={dataset}", f"--num_users={preset.teacher_users}",
-              f"--max_history={preset.max_history}",
-              f"--max_tokens={preset.teacher_tokens}", f"--concurrency={TEACHER_BATCH}",
-              "--timeout=900"]
-    if source_dir:
-      common.append(f"--data_dir={source_dir}")
+    del fingerprint  # each record keeps its prompt; the stage refuses mixed settings
+    from slim_jax.teacher import client  # pylint: disable=import-outside-toplevel
+
+    def ask(url: str, model: str, key: str | None) -> None:
+      config = stages.TeacherConfig(
+          client=client.ClientConfig(base_url=url, model=model, max_tokens=preset.teacher_tokens,
+                                     seed=0, timeout=900.0, concurrency=TEACHER_BATCH),
+          dataset=dataset, data_dir=source_dir, num_users=preset.teacher_users,
+          max_history=preset.max_history)
+      try:
+        stats = stages.teacher(layout, config, key)
+      except (stages.TeacherLocked, client.FatalError, ValueError) as e:
+        sys.exit(f"run_slim.py: the teacher stage stopped: {e}")
+      print(f"teacher: {stats.users_done} rationales written, {stats.users_skipped} already "
+            f"there, {stats.users_failed} failed ({stats.requests} requests, "
+            f"{stats.seconds:.0f} s)", flush=True)
+      if stats.users_failed:
+        sys.exit(f"run_slim.py: {stats.users_failed} teacher requests failed; run the same "
+                 "command again to retry them")
+
     if FLAGS.teacher_base_url:
-      _py(w, "teacher.py", *common, f"--teacher_base_url={FLAGS.teacher_base_url}",
-          f"--teacher_model={FLAGS.teacher_model or 'gpt-3.5-turbo'}")
+      ask(FLAGS.teacher_base_url, FLAGS.teacher_model or "gpt-3.5-turbo",
+          os.environ.get("OPENAI_API_KEY") or None)
       return
     server = OwnTeacherServer(student, preset.teacher_tokens, w)
     try:
-      _py(w, "teacher.py", *common, f"--teacher_base_url={server.url}",
-          f"--teacher_model={server.name}")
+      ask(server.url, server.name, None)
     finally:
       server.close()
 

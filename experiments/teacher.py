@@ -16,19 +16,15 @@ one fsynced line per user. A rerun asks only for the users not yet in the file.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import sys
 
 from absl import app, flags, logging
 import numpy as np
 
-from slim_jax.data.dataset import SequenceDataset
-from slim_jax import io
 from slim_jax.pipeline.layout import RunLayout
-from slim_jax.teacher import client, prompts, rationales
+from slim_jax.pipeline import stages
+from slim_jax.teacher import client, prompts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "ml-100k", "Dataset name, as experiments/prepare_data.py takes it.")
@@ -62,16 +58,6 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer for --dry_run counts: a Huggin
 API_KEY_ENV = "OPENAI_API_KEY"
 
 
-def hold_lock(path: str):
-  """An exclusive lock on the run's rationale file: two runs must not ask for the same users."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  handle = open(path, "w")  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    sys.exit(f"another teacher run holds {path}; wait for it to finish or stop it first")
-  return handle
-
 
 def parse_price(text: str) -> tuple[float, float]:
   try:
@@ -84,63 +70,9 @@ def parse_price(text: str) -> tuple[float, float]:
   return (values[0], values[-1])
 
 
-def choose_users(num_users_total: int, num_users: int, seed: int) -> list[int]:
-  """The subset U': `num_users` dense ids drawn without replacement, sorted; all when 0."""
-  if num_users < 0:
-    raise app.UsageError(f"--num_users must be >= 0, got {num_users}")
-  if num_users == 0 or num_users >= num_users_total:
-    return list(range(num_users_total))
-  rng = np.random.default_rng(seed)
-  return sorted(int(u) for u in rng.choice(num_users_total, size=num_users, replace=False))
 
 
-def load_dataset() -> SequenceDataset:
-  from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
-  return prepare.prepare_or_load(FLAGS.dataset, FLAGS.data_dir, FLAGS.workdir)
 
-
-def build_requests(dataset: SequenceDataset, users: list[int],
-                   template: prompts.PromptTemplate) -> list[tuple[int, list[dict]]]:
-  return [(u, prompts.build_messages(dataset, u, template=template,
-                                     max_history=FLAGS.max_history)) for u in users]
-
-
-def manifest(config: client.ClientConfig, template: prompts.PromptTemplate) -> dict:
-  """What the lines in teacher.jsonl depend on besides the prompts themselves.
-
-  The endpoint's address is left out on purpose: a resumed run may reach the same model
-  elsewhere (a restarted local server picks another port).
-  """
-  return {
-      "model": config.model, "temperature": config.temperature,
-      "top_p": config.top_p, "max_tokens": config.max_tokens, "seed": config.seed,
-      "max_history": FLAGS.max_history,
-      "template_sha256": hashlib.sha256(
-          (template.system + "\0" + template.user).encode("utf-8")).hexdigest(),
-  }
-
-
-def check_resume(workdir: str, current: dict, requests) -> None:
-  """Refuses to mix lines made under another model, sampling, template or data."""
-  out = RunLayout(workdir).teacher_rationales
-  path = RunLayout(workdir).teacher_manifest
-  existing = rationales.by_user(rationales.read(out))
-  if existing and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      previous = json.load(f)
-    changed = sorted(k for k in current if previous.get(k) != current[k])
-    if changed:
-      sys.exit(
-          f"{out} holds {len(existing)} rationales made with different settings ({', '.join(changed)}"
-          f" changed; see {path}). Use a new --workdir, restore the settings, or delete both "
-          "files to start over.")
-  for user_id, messages in requests:
-    record = existing.get(user_id)
-    if record is not None and record["messages"] != messages:
-      sys.exit(
-          f"{out}: the line for user {user_id} was made from a different prompt (the data, "
-          "--template or --max_history changed). Use a new --workdir or delete the file.")
-  io.write_json(path, current)
 
 
 def count_tokens_fn():
@@ -178,11 +110,7 @@ def dry_run(requests, price: tuple[float, float]) -> None:
         f"(--price={FLAGS.price})")
 
 
-def print_summary(stats: client.Stats, price: tuple[float, float], out: str) -> dict:
-  summary = stats.as_dict()
-  summary["estimated_cost_usd"] = stats.cost(*price)
-  summary["price_per_million_tokens"] = {"input": price[0], "output": price[1]}
-  summary["output"] = out
+def print_summary(stats, price: tuple[float, float]) -> None:
   lines = [
       f"users: {stats.users_done} written, {stats.users_skipped} already done, "
       f"{stats.users_failed} failed",
@@ -191,11 +119,10 @@ def print_summary(stats: client.Stats, price: tuple[float, float], out: str) -> 
       f"failures: {dict(stats.failures_by_cause) or 'none'}",
       f"unparsed rationales (kept, steps=null): {stats.parse_failures}",
       f"tokens: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion",
-      f"estimated cost: ${summary['estimated_cost_usd']:.4f}",
+      f"estimated cost: ${stats.cost(*price):.4f}",
       f"time: {stats.seconds:.1f}s",
   ]
   print("Teacher stage summary\n  " + "\n  ".join(lines))
-  return summary
 
 
 def main(argv):
@@ -205,48 +132,37 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  price = parse_price(FLAGS.price)
-  template = prompts.load_template(FLAGS.template) if FLAGS.template else prompts.PromptTemplate()
-  dataset = load_dataset()
-  users = choose_users(dataset.num_users, FLAGS.num_users, FLAGS.seed)
-  requests = build_requests(dataset, users, template)
+  layout = RunLayout(FLAGS.workdir)
+  config = stages.TeacherConfig(
+      client=client.ClientConfig(
+          base_url=FLAGS.teacher_base_url, model=FLAGS.teacher_model,
+          temperature=FLAGS.temperature, top_p=FLAGS.top_p, max_tokens=FLAGS.max_tokens,
+          seed=FLAGS.seed, timeout=FLAGS.timeout, max_retries=FLAGS.max_retries,
+          concurrency=FLAGS.concurrency, backoff_initial=FLAGS.backoff_initial,
+          backoff_max=FLAGS.backoff_max),
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, num_users=FLAGS.num_users,
+      seed=FLAGS.seed, max_history=FLAGS.max_history, template=FLAGS.template,
+      price=parse_price(FLAGS.price))
   if FLAGS.dry_run:
-    dry_run(requests, price)
+    try:
+      dry_run(stages.teacher_requests(layout, config), config.price)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     return
-  config = client.ClientConfig(
-      base_url=FLAGS.teacher_base_url, model=FLAGS.teacher_model,
-      temperature=FLAGS.temperature, top_p=FLAGS.top_p, max_tokens=FLAGS.max_tokens,
-      seed=FLAGS.seed, timeout=FLAGS.timeout, max_retries=FLAGS.max_retries,
-      concurrency=FLAGS.concurrency, backoff_initial=FLAGS.backoff_initial,
-      backoff_max=FLAGS.backoff_max)
   key = os.environ.get(API_KEY_ENV) or None
   if key is None and FLAGS.teacher_base_url is None:
     raise app.UsageError(f"set {API_KEY_ENV} to call OpenAI, or point --teacher_base_url at "
                          "a local OpenAI-compatible server")
-  out = RunLayout(FLAGS.workdir).teacher_rationales
-  lock = hold_lock(RunLayout(FLAGS.workdir).teacher_lock)  # noqa: F841 (held until exit)
-  removed = rationales.dedupe(out) if os.path.exists(out) else 0
-  if removed:
-    logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
-                    out, removed)
-  check_resume(FLAGS.workdir, manifest(config, template), requests)
-  logging.info("asking %s for %d users (%d requested, seed %d)",
-               FLAGS.teacher_base_url or "OpenAI", len(requests), FLAGS.num_users, FLAGS.seed)
-  total = len(requests)
-
-  def progress(stats: client.Stats) -> None:
-    done = stats.users_done + stats.users_skipped
-    if stats.users_done % 10 == 0 or done == total:
-      logging.info("%d/%d users done (%d requests, %d retries)", done, total, stats.requests,
-                   stats.retries)
-
   try:
-    stats = client.collect(requests, out, config, key, progress=progress)
+    stats = stages.teacher(layout, config, key)
+  except stages.TeacherLocked as e:
+    sys.exit(str(e))
   except client.FatalError as e:
     print(f"teacher stage stopped: {e}", file=sys.stderr)
     sys.exit(2)
-  summary = print_summary(stats, price, out)
-  io.write_json(RunLayout(FLAGS.workdir).teacher_summary, summary)
+  except ValueError as e:  # settings differ from the lines already written
+    sys.exit(str(e))
+  print_summary(stats, config.price)
   if stats.users_failed:
     print(f"{stats.users_failed} users failed; run the same command again to retry them.",
           file=sys.stderr)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 from slim_jax import io
 from slim_jax.pipeline.layout import RunLayout
@@ -136,3 +137,118 @@ def encode(layout: RunLayout, config: EncodeConfig) -> dict:
       batch_size=config.batch_size, dtype=config.dtype)
   return encode_lib.run_stage(layout.workdir, encoder, sources=config.sources,
                               skip_bad_lines=config.skip_bad_lines, progress=config.progress)
+
+
+# ----------------------------------------------------------------------------- teacher
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+  """Chain-of-thought rationales r'_u for a seeded subset U' of users (SLIM step 1), from
+  any OpenAI-compatible endpoint (`client`)."""
+  client: Any  # slim_jax.teacher.client.ClientConfig
+  dataset: str = "ml-100k"
+  data_dir: str | None = None
+  num_users: int = 0  # size of U' (seeded); 0: every user
+  seed: int = 0  # for choosing U'
+  max_history: int = prompts.DEFAULT_MAX_HISTORY
+  template: str | None = None  # prompt template file; None: the built-in three-step prompt
+  price: tuple[float, float] = (0.0, 0.0)  # USD per million input, output tokens
+
+
+class TeacherLocked(RuntimeError):
+  """Another teacher run holds this workdir's rationale file."""
+
+
+def teacher_requests(layout: RunLayout, config: TeacherConfig) -> list[tuple[int, list[dict]]]:
+  """(user, messages) for every user of U', in user order."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  if config.num_users < 0:
+    raise ValueError(f"--num_users must be >= 0, got {config.num_users}")
+  template = (prompts.load_template(config.template) if config.template
+              else prompts.PromptTemplate())
+  dataset = prepare.prepare_or_load(config.dataset, config.data_dir, layout.workdir)
+  users = list(range(dataset.num_users))
+  if 0 < config.num_users < dataset.num_users:
+    rng = np.random.default_rng(config.seed)
+    users = sorted(int(u) for u in rng.choice(dataset.num_users, size=config.num_users,
+                                               replace=False))
+  return [(u, prompts.build_messages(dataset, u, template=template,
+                                     max_history=config.max_history)) for u in users]
+
+
+def _teacher_settings(config: TeacherConfig) -> dict:
+  """What the lines in teacher.jsonl depend on besides the prompts themselves. The
+  endpoint's address is left out on purpose: a resumed run may reach the same model
+  elsewhere (a restarted local server picks another port)."""
+  template = (prompts.load_template(config.template) if config.template
+              else prompts.PromptTemplate())
+  c = config.client
+  return {"model": c.model, "temperature": c.temperature, "top_p": c.top_p,
+          "max_tokens": c.max_tokens, "seed": c.seed, "max_history": config.max_history,
+          "template_sha256": hashlib.sha256(
+              (template.system + "\0" + template.user).encode("utf-8")).hexdigest()}
+
+
+def _check_teacher_resume(layout: RunLayout, current: dict, requests) -> None:
+  """Refuses to mix lines made under another model, sampling, template or data."""
+  from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
+  out, path = layout.teacher_rationales, layout.teacher_manifest
+  existing = rationales.by_user(rationales.read(out))
+  if existing and os.path.exists(path):
+    previous = io.read_json(path, "teacher manifest")
+    changed = sorted(k for k in current if previous.get(k) != current[k])
+    if changed:
+      raise ValueError(
+          f"{out} holds {len(existing)} rationales made with different settings "
+          f"({', '.join(changed)} changed; see {path}). Use a new --workdir, restore the "
+          "settings, or delete both files to start over.")
+  for user_id, messages in requests:
+    record = existing.get(user_id)
+    if record is not None and record["messages"] != messages:
+      raise ValueError(
+          f"{out}: the line for user {user_id} was made from a different prompt (the data, "
+          "--template or --max_history changed). Use a new --workdir or delete the file.")
+  io.write_json(path, current)
+
+
+def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None):
+  """Asks the endpoint for every user of U' not yet in rationales/teacher.jsonl; writes
+  teacher_summary.json; returns the client's Stats. Raises TeacherLocked, ValueError
+  (settings differ from the lines already written) or client.FatalError (the endpoint
+  refuses: a bad key, an unknown model)."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  from slim_jax.teacher import client, rationales  # pylint: disable=import-outside-toplevel
+  requests = teacher_requests(layout, config)
+  out = layout.teacher_rationales
+  os.makedirs(os.path.dirname(layout.teacher_lock), exist_ok=True)
+  with open(layout.teacher_lock, "w", encoding="utf-8") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise TeacherLocked(f"another teacher run holds {layout.teacher_lock}; wait for it to "
+                          "finish or stop it first") from None
+    removed = rationales.dedupe(out) if os.path.exists(out) else 0
+    if removed:
+      logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
+                      out, removed)
+    _check_teacher_resume(layout, _teacher_settings(config), requests)
+    logging.info("asking %s for %d users (%d requested, seed %d)",
+                 config.client.base_url or "OpenAI", len(requests), config.num_users,
+                 config.seed)
+    total = len(requests)
+
+    def progress(stats) -> None:
+      done = stats.users_done + stats.users_skipped
+      if stats.users_done % 10 == 0 or done == total:
+        logging.info("%d/%d users done (%d requests, %d retries)", done, total,
+                     stats.requests, stats.retries)
+
+    stats = client.collect(requests, out, config.client, api_key, progress=progress)
+    summary = stats.as_dict()
+    summary["estimated_cost_usd"] = stats.cost(*config.price)
+    summary["price_per_million_tokens"] = {"input": config.price[0],
+                                           "output": config.price[1]}
+    summary["output"] = out
+    io.write_json(layout.teacher_summary, summary)
+  return stats
