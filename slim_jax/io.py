@@ -31,27 +31,6 @@ def is_temporary(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
-  """`with atomic_open(path) as f: ...` writes `path` atomically ('w' text, 'wb' bytes).
-  On an exception the temporary file is removed and `path` is left as it was."""
-  if mode not in ("w", "wb"):
-    raise ValueError(f"atomic_open: mode {mode!r} is not 'w' or 'wb'")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = temporary_name(path)
-  try:
-    with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """`with atomic_path(path) as tmp: library.save(obj, tmp)` for writers that take a file
   name (safetensors, orbax): `tmp` is fsynced and renamed onto `path` on success, removed on
@@ -67,6 +46,17 @@ def atomic_path(path: str) -> Iterator[str]:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+  """`with atomic_open(path) as f: ...` writes `path` atomically ('w' text, 'wb' bytes).
+  On an exception the temporary file is removed and `path` is left as it was."""
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_open: mode {mode!r} is not 'w' or 'wb'")
+  with atomic_path(path) as tmp:
+    with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+      yield f
 
 
 def write_text(path: str, text: str) -> None:
