@@ -40,15 +40,22 @@ flags.DEFINE_string("template", None, "Prompt template file: the user message wi
                     "system message above it. Default: the built-in three-step prompt.")
 flags.DEFINE_string("teacher_base_url", None, "OpenAI-compatible base URL, e.g. "
                     "http://127.0.0.1:8000/v1; default: OpenAI.")
-flags.DEFINE_string("teacher_model", "gpt-3.5-turbo", "Model name sent to the endpoint.")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-flags.DEFINE_integer("max_tokens", 512, "Most tokens in one rationale.")
-flags.DEFINE_integer("concurrency", 8, "Requests in flight at once.")
-flags.DEFINE_float("timeout", 120.0, "Seconds before a request counts as timed out.")
-flags.DEFINE_integer("max_retries", 8, "Retries per user on 429/5xx/timeouts/drops.")
-flags.DEFINE_float("backoff_initial", 1.0, "First retry wait in seconds (doubles, jittered).")
-flags.DEFINE_float("backoff_max", 60.0, "Longest backoff wait in seconds.")
+_C = client.ClientConfig  # the dataclass holds the defaults
+flags.DEFINE_string("teacher_model", _C.model, "Model name sent to the endpoint.")
+flags.DEFINE_float("temperature", _C.temperature, "Sampling temperature.")
+flags.DEFINE_float("top_p", _C.top_p, "Nucleus sampling mass.")
+flags.DEFINE_integer("max_tokens", _C.max_tokens, "Most tokens in one rationale.")
+flags.DEFINE_integer("concurrency", _C.concurrency, "Requests in flight at once.")
+flags.DEFINE_float("timeout", _C.timeout, "Seconds before a request counts as timed out.")
+flags.DEFINE_integer("max_retries", _C.max_retries, "Retries per user on 429/5xx/timeouts/drops.")
+flags.DEFINE_float("backoff_initial", _C.backoff_initial,
+                   "First retry wait in seconds (doubles, jittered).")
+flags.DEFINE_float("backoff_max", _C.backoff_max, "Longest backoff wait in seconds.")
+# Flags that set a ClientConfig field (tests/experiments/test_flag_defaults.py).
+CONFIG_FIELDS = {"teacher_model": "model", "temperature": "temperature", "top_p": "top_p",
+                 "max_tokens": "max_tokens", "concurrency": "concurrency",
+                 "timeout": "timeout", "max_retries": "max_retries",
+                 "backoff_initial": "backoff_initial", "backoff_max": "backoff_max"}
 flags.DEFINE_string("price", "0,0", "USD per million tokens, 'INPUT,OUTPUT' (or one number for "
                     "both), for the cost estimate.")
 flags.DEFINE_bool("dry_run", False, "Print a sample prompt and token counts; call nothing.")

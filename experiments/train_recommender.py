@@ -41,15 +41,16 @@ _DATA_DIR = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (data, checkpoints, metrics).")
 _MODEL = flags.DEFINE_string("model", "sasrec",
                              "One backbone or a comma list of gru4rec,sasrec,srgnn.")
-_LOSS = flags.DEFINE_enum("loss", "bce", list(steps.LOSSES),
+_T = loop.TrainConfig  # the dataclass holds the defaults
+_LOSS = flags.DEFINE_enum("loss", _T.loss, list(steps.LOSSES),
                           "bce: one sampled negative per position; ce: softmax over all items.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2,3,4", "Comma-separated training seeds.")
-_EPOCHS = flags.DEFINE_integer("epochs", 200, "Maximum epochs per seed.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Training windows per step.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-_PATIENCE = flags.DEFINE_integer("patience", 10,
+_EPOCHS = flags.DEFINE_integer("epochs", _T.epochs, "Maximum epochs per seed.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", _T.batch_size, "Training windows per step.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", _T.learning_rate, "Adam learning rate.")
+_PATIENCE = flags.DEFINE_integer("patience", _T.patience,
                                  "Stop after this many epochs without a better valid NDCG@10.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 50, "Maximum sequence length L.")
+_MAX_LEN = flags.DEFINE_integer("max_len", _T.max_len, "Maximum sequence length L.")
 _HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 64, "Embedding / hidden width D.")
 _NUM_LAYERS = flags.DEFINE_integer(
     "num_layers", None, "GRU layers, transformer blocks or GNN steps (default per model: "
@@ -57,15 +58,19 @@ _NUM_LAYERS = flags.DEFINE_integer(
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "SASRec attention heads (default 2).")
 _DROPOUT = flags.DEFINE_float("dropout", None,
                               "Dropout (default per model: 0.3, 0.5, 0 as RecBole 1.2.1).")
-_EVAL_MODE = flags.DEFINE_enum("eval_mode", "sampled", list(loop.EVAL_MODES),
+_EVAL_MODE = flags.DEFINE_enum("eval_mode", _T.eval_mode, list(loop.EVAL_MODES),
                                "sampled: 100 stored negatives (the paper); full: all items.")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 256, "Users per scoring batch.")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", _T.eval_batch_size,
+                                        "Users per scoring batch.")
 _CORE = flags.DEFINE_integer(
     "core", None, "k-core filter (default: 0 for ml-100k, like RecBole's unfiltered "
     "ml-100k; 5 otherwise).")
 _SKIP_BAD_LINES = flags.DEFINE_bool("skip_bad_lines", False,
                                     "Count and skip malformed input lines.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per epoch.")
+_PROGRESS = flags.DEFINE_bool("progress", _T.progress, "Show a progress bar per epoch.")
+# Flags that set a TrainConfig field of the same name (tests/experiments/test_flag_defaults.py).
+CONFIG_FIELDS = ("loss", "epochs", "batch_size", "learning_rate", "patience", "max_len",
+                 "eval_mode", "eval_batch_size", "progress")
 distributed.define_flags()
 
 FLAGS = flags.FLAGS

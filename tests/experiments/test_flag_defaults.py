@@ -1,37 +1,54 @@
 """A flag that sets a config field has that field's default (the dataclass is the one
-source of defaults). Checked in a child process: each script defines its flags globally."""
+source of defaults). Each script is imported in a child process: scripts define their
+flags globally, so two cannot share one process."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# script -> (config class as module:Name, how to build one with its defaults)
+SCRIPTS = {
+    "distill": ("slim_jax.train.distill:DistillConfig", "{}"),
+    "generate_rationales": ("slim_jax.pipeline.stages:GenerateConfig",
+                            "{'student': '', 'adapter': None}"),
+    "train_recommender": ("slim_jax.train.loop:TrainConfig", "{}"),
+    "teacher": ("slim_jax.teacher.client:ClientConfig", "{}"),
+}
+
 CHILD = r"""
-import json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/experiments"]
-import distill as script
+import ast, importlib, json, sys
+root, script, config_path, kwargs = sys.argv[1:5]
+sys.path[:0] = [root, root + "/experiments"]
+module = importlib.import_module(script)
 from slim_jax import config_flags
-from slim_jax.train import distill
-fresh = distill.DistillConfig()  # the dataclass's own defaults, not the script's copy
+module_name, class_name = config_path.split(":")
+fresh = getattr(importlib.import_module(module_name), class_name)(**ast.literal_eval(kwargs))
+fields = module.CONFIG_FIELDS
+if not isinstance(fields, dict):
+  fields = {name: name for name in fields}
 out = {}
-for flag, path in script.CONFIG_FIELDS.items():
+for flag, path in fields.items():
   want = config_flags.default(fresh, path)
-  have = script.FLAGS[flag].default
-  out[flag] = [list(want) if isinstance(want, tuple) else want, have]
+  out[flag] = [list(want) if isinstance(want, tuple) else want, module.FLAGS[flag].default]
 print(json.dumps(out))
 """
 
 
-def test_distill_flag_defaults_are_the_distill_config_fields():
-  proc = subprocess.run([sys.executable, "-c", CHILD, ROOT], capture_output=True, text=True,
-                        timeout=300, check=False)
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_flag_defaults_are_the_config_fields(script):
+  config_path, kwargs = SCRIPTS[script]
+  proc = subprocess.run([sys.executable, "-c", CHILD, ROOT, script, config_path, kwargs],
+                        capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   pairs = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(pairs) >= 19
+  assert len(pairs) >= 6
   differ = {flag: pair for flag, pair in pairs.items() if pair[0] != pair[1]}
-  assert not differ, f"flag default != DistillConfig field: {differ}"
+  assert not differ, f"{script}: flag default != config field: {differ}"
 
 
 def test_override_rebuilds_nested_fields():
@@ -40,22 +57,3 @@ def test_override_rebuilds_nested_fields():
   config = config_flags.override(distill.DistillConfig(), {"lora.rank": 4, "max_length": 64})
   assert config.lora.rank == 4 and config.max_length == 64
   assert config.lora.dropout == distill.DistillConfig().lora.dropout
-
-
-GENERATE_CHILD = r"""
-import dataclasses, json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/experiments"]
-import generate_rationales as script
-from slim_jax.pipeline import stages
-fields = {f.name: f.default for f in dataclasses.fields(stages.GenerateConfig)}
-print(json.dumps({name: [fields[name], script.FLAGS[name].default]
-                  for name in script.CONFIG_FIELDS}))
-"""
-
-
-def test_generate_rationales_flag_defaults_are_the_generate_config_fields():
-  proc = subprocess.run([sys.executable, "-c", GENERATE_CHILD, ROOT], capture_output=True,
-                        text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  pairs = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(pairs) == 6 and all(want == have for want, have in pairs.values()), pairs
