@@ -21,12 +21,8 @@ same flags, and ends where an uninterrupted run would have.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,7 +32,7 @@ from slim_jax import assets  # noqa: E402
 from slim_jax import config_flags  # noqa: E402
 from slim_jax import distributed  # noqa: E402
 from slim_jax.train import distill as distill_lib  # noqa: E402
-from slim_jax import io  # noqa: E402
+from slim_jax.pipeline import stages  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -101,10 +97,6 @@ flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
 flags.DEFINE_bool("force", False, "Train again from the first step (earlier checkpoints "
                   "deleted), even when the adapter matches the manifest.")
 
-MANIFEST_FILE = "manifest.json"
-
-
-
 
 def main(argv):
   from slim_jax import quiet_logs  # pylint: disable=import-outside-toplevel
@@ -114,92 +106,25 @@ def main(argv):
   distributed.initialize_from_flags()
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  # Imported here so that --help is fast.
-  from slim_jax.data import rationale_examples as rx
-  from slim_jax.convert import pretrained
-  from slim_jax.models import lora
-  from slim_jax.train import distill
-
-  rationales_path = FLAGS.rationales or os.path.join(FLAGS.workdir, "rationales",
-                                                     "teacher.jsonl")
   try:
     init_from = FLAGS.init_from or assets.smollm2_gguf("--init_from")
   except assets.MissingAsset as e:
     raise app.UsageError(str(e)) from None
-  if not os.path.exists(init_from):
-    raise app.UsageError(f"--init_from={init_from} does not exist")
-  out = RunLayout(FLAGS.workdir).distill
-  os.makedirs(out, exist_ok=True)
-
-  records = rx.read_teacher_jsonl(rationales_path)
-  model_config, params, tokenizer = pretrained.load_llama(init_from)
-  examples, report = rx.build_examples(records, tokenizer, FLAGS.max_length,
-                                       FLAGS.min_rationale_tokens)
-  io.write_json(os.path.join(out, "truncation_report.json"), report.to_dict(), default=str)
-  logging.info("distillation data: %s", report.summary())
-  if len(examples) < 2:
-    hint = ("raise --max_length" if report.examples_dropped.get("prompt_too_long")
-            or report.examples_truncated else
-            "the teacher's responses are empty: check the teacher model and rerun the teacher "
-            "stage")
-    raise app.UsageError(f"{rationales_path}: only {len(examples)} usable example(s) "
-                         f"({report.summary()}); {hint}")
-  train, heldout = rx.split_heldout(examples, FLAGS.heldout_fraction, FLAGS.seed)
-
-  boundaries = rx.bucket_boundaries(FLAGS.max_length)
-  per_epoch = rx.BucketedBatches(train, FLAGS.batch_size, 0, boundaries,
-                                 FLAGS.seed).batches_per_epoch
-  num_steps = FLAGS.num_steps or FLAGS.num_epochs * per_epoch
   try:
     values = {path: FLAGS[flag].value for flag, path in CONFIG_FIELDS.items()}
     values.update({"lora.targets": tuple(FLAGS.lora_targets),
-                   "optim.warmup_steps": min(FLAGS.warmup_steps, num_steps),
-                   "optim.total_steps": num_steps, "optim.clip_norm": FLAGS.clip_norm or None,
-                   "mesh": FLAGS.mesh})
-    config = config_flags.override(DEFAULT_CONFIG, values)
-  except ValueError as e:
+                   "optim.clip_norm": FLAGS.clip_norm or None, "mesh": FLAGS.mesh})
+    config = stages.DistillStageConfig(
+        init_from=init_from, train=config_flags.override(DEFAULT_CONFIG, values),
+        rationales=FLAGS.rationales, num_epochs=FLAGS.num_epochs, num_steps=FLAGS.num_steps,
+        min_rationale_tokens=FLAGS.min_rationale_tokens,
+        heldout_fraction=FLAGS.heldout_fraction, force=FLAGS.force, progress=FLAGS.progress)
+    summary = stages.distill(RunLayout(FLAGS.workdir), config)
+  except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
-
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  manifest = {"init_from": os.path.abspath(init_from),
-              "rationales": os.path.abspath(rationales_path),
-              "fingerprint": distill.fingerprint(config, examples, model_config),
-              "config": dataclasses.asdict(config)}
-  manifest_path = os.path.join(out, MANIFEST_FILE)
-  adapter_dir = RunLayout(FLAGS.workdir).adapter
-  if not FLAGS.force and os.path.exists(manifest_path) and os.path.exists(
-      os.path.join(adapter_dir, lora.PEFT_WEIGHTS_FILE)):
-    with open(manifest_path, encoding="utf-8") as f:
-      if json.load(f).get("fingerprint") == manifest["fingerprint"]:
-        logging.info("%s matches %s: nothing to do (--force trains again)", adapter_dir,
-                     manifest_path)
-        return
-
-  if FLAGS.force:  # from scratch: no checkpoint of an earlier run is resumed
-    for stale in (distill.CHECKPOINT_DIR, distill.LOG_DIR):
-      shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-  logging.info("%d train / %d held-out examples, %d steps (%d per epoch), LoRA %s",
-               len(train), len(heldout), num_steps, per_epoch, config.lora)
-  start = time.time()
-  result = distill.train_and_evaluate(config, model_config, params, train, heldout, pad_id,
-                                      out, progress=FLAGS.progress)
-  lora.save_peft(adapter_dir, result.lora, config.lora,
-                 base_model_name_or_path=os.path.abspath(init_from),
-                 num_layers=model_config.num_hidden_layers)
-  summary = {"steps": result.final_step, "final_loss": result.final_loss,
-             "initial_heldout_nll": result.initial_heldout_nll,
-             "final_heldout_nll": result.final_heldout_nll,
-             "resumed_from": result.resumed_from, "seconds_this_run": time.time() - start,
-             "train_examples": len(train), "heldout_examples": len(heldout),
-             "adapter_parameters": lora.num_parameters(result.lora),
-             "adapter": adapter_dir}
-  io.write_json(os.path.join(out, "summary.json"), summary, default=str)
-  io.write_json(manifest_path, manifest, default=str)
-  nll = ("no held-out examples" if result.final_heldout_nll is None else
-         f"held-out NLL {result.initial_heldout_nll or float('nan'):.4f} -> "
-         f"{result.final_heldout_nll:.4f}")
-  print(f"distilled {result.final_step} steps ({nll}); adapter in {adapter_dir}, "
-        f"summary in {os.path.join(out, 'summary.json')}")
+  if summary is not None:
+    print(stages.distill_summary_line(summary)
+          + f", summary in {os.path.join(RunLayout(FLAGS.workdir).distill, 'summary.json')}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the paths):
   teacher    rationales/teacher.jsonl             (slim_jax/pipeline/stages.py, in process,
              against the project's own OpenAI-compatible server, slim_jax/serve.py, in a
              process of its own with SmolLM2 as offline teacher, or any --teacher_base_url)
-  distill    distill/peft_adapter/                (experiments/distill.py)
+  distill    distill/peft_adapter/                (slim_jax/pipeline/stages.py, in process)
   generate   rationales/student.jsonl             (slim_jax/pipeline/stages.py, in process)
   encode     embeddings/                          (slim_jax/pipeline/stages.py, in process)
   recommend  recommend/<backbone>/<variant>/seed_<s>/result.json  (slim_jax/train/grid.py:
@@ -75,19 +75,12 @@ FLAGS = flags.FLAGS
 
 
 def stage_env(workdir: str) -> dict:
-  """The environment of every stage process: one persistent XLA compilation cache per run,
-  so programs compiled once (the teacher server's prefill and decode, which the student
-  generation reuses; the encoder's buckets) load from disk in later stages and reruns."""
+  """The environment of the teacher server's process: the run's persistent XLA compilation
+  cache, so programs compiled once (the server's prefill and decode, which the student
+  generation reuses) load from disk in later stages and reruns."""
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", RunLayout(workdir).xla_cache)
   return env
-
-
-def _py(workdir: str, script: str, *args: str) -> None:
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", script), *args,
-         f"--verbosity={FLAGS.verbosity}"]
-  logging.debug("running %s", " ".join(cmd))
-  subprocess.run(cmd, check=True, env=stage_env(workdir))
 
 
 STAGE_NAMES = ("prepare", "teacher", "distill", "generate", "encode", "recommend", "report")
@@ -281,12 +274,17 @@ def main(argv):
       server.close()
 
   def distill_stage(fingerprint):
-    del fingerprint  # distill.py fingerprints its checkpoints and adapter itself
-    steps = ([f"--num_steps={preset.distill_steps}"] if preset.distill_steps else
-             ["--num_epochs=3"])
-    _py(w, "distill.py", f"--workdir={w}", f"--init_from={student}", *steps, "--batch_size=4",
-        f"--max_length={preset.distill_max_length}", "--progress=false", "--warmup_steps=1",
-        "--eval_every=1000000", "--checkpoint_every=50")
+    del fingerprint  # the stage fingerprints its checkpoints and adapter itself
+    from slim_jax.train import distill as distill_lib  # pylint: disable=import-outside-toplevel
+    train = distill_lib.DistillConfig()
+    train = dataclasses.replace(
+        train, batch_size=4, max_length=preset.distill_max_length, eval_every=1_000_000,
+        checkpoint_every=50, optim=dataclasses.replace(train.optim, warmup_steps=1))
+    summary = stages.distill(layout, stages.DistillStageConfig(
+        init_from=student, train=train, num_steps=preset.distill_steps, num_epochs=3,
+        progress=False))
+    if summary is not None:
+      print(stages.distill_summary_line(summary), flush=True)
 
   def generate_stage(fingerprint):
     stages.generate(layout, stages.GenerateConfig(

@@ -1,13 +1,15 @@
 """Stages of a SLIM run as library functions: each takes the run's layout and that stage's
 frozen config. experiments/run_slim.py calls them in its own process; the stage scripts
-(experiments/generate_rationales.py, experiments/encode.py) are absl wrappers over them.
+(experiments/teacher.py, distill.py, generate_rationales.py, encode.py) are absl wrappers
+over them.
 
+  stages.teacher(RunLayout(w), stages.TeacherConfig(client=ClientConfig(base_url=...)), key)
+  stages.distill(RunLayout(w), stages.DistillStageConfig(init_from=..., train=DistillConfig()))
   stages.generate(RunLayout(w), stages.GenerateConfig(student=..., adapter=...))
   stages.encode(RunLayout(w), stages.EncodeConfig())
 
-Stages that keep a process boundary on purpose: the teacher (the model behind an
-OpenAI-compatible server, python -m slim_jax.serve) and distillation (experiments/distill.py:
-multi-host training initialises jax.distributed per process).
+The one process boundary is the point of it: the teacher model runs behind an
+OpenAI-compatible server (python -m slim_jax.serve), like any paid endpoint would.
 """
 
 from __future__ import annotations
@@ -252,3 +254,106 @@ def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None):
     summary["output"] = out
     io.write_json(layout.teacher_summary, summary)
   return stats
+
+
+# ----------------------------------------------------------------------------- distill
+
+@dataclasses.dataclass(frozen=True)
+class DistillStageConfig:
+  """LoRA distillation of the teacher's rationales into the student (SLIM step 2).
+  `train.optim.total_steps` is set here from the data: `num_steps`, or `num_epochs`
+  passes over the training examples when `num_steps` is 0."""
+  init_from: str  # student weights: a Hugging Face LLaMA folder or .gguf
+  train: Any  # slim_jax.train.distill.DistillConfig
+  rationales: str | None = None  # default: the run's rationales/teacher.jsonl
+  num_epochs: int = 3
+  num_steps: int = 0
+  min_rationale_tokens: int = 8  # drop examples whose prompt leaves fewer
+  heldout_fraction: float = 0.1
+  force: bool = False  # train again from step 0, even when the adapter is up to date
+  progress: bool = True
+
+
+def distill(layout: RunLayout, config: DistillStageConfig) -> dict | None:
+  """Trains the adapter into distill/ and exports it to distill/peft_adapter (PEFT format);
+  returns the summary, or None when the adapter already matches its manifest. Resumes from
+  distill/checkpoints when they were made from the same config and data. Raises ValueError
+  when fewer than two examples are usable (the message says why)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from slim_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
+  from slim_jax.data import rationale_examples as rx  # pylint: disable=import-outside-toplevel
+  from slim_jax.models import lora  # pylint: disable=import-outside-toplevel
+  from slim_jax.train import distill as distill_lib  # pylint: disable=import-outside-toplevel
+  train_config = config.train
+  rationales_path = config.rationales or layout.teacher_rationales
+  if not os.path.exists(config.init_from):
+    raise FileNotFoundError(f"--init_from={config.init_from} does not exist")
+  out = layout.distill
+  os.makedirs(out, exist_ok=True)
+  records = rx.read_teacher_jsonl(rationales_path)
+  model_config, params, tokenizer = pretrained.load_llama(config.init_from)
+  examples, report = rx.build_examples(records, tokenizer, train_config.max_length,
+                                       config.min_rationale_tokens)
+  io.write_json(os.path.join(out, "truncation_report.json"), report.to_dict(), default=str)
+  logging.info("distillation data: %s", report.summary())
+  if len(examples) < 2:
+    hint = ("raise --max_length" if report.examples_dropped.get("prompt_too_long")
+            or report.examples_truncated else
+            "the teacher's responses are empty: check the teacher model and rerun the teacher "
+            "stage")
+    raise ValueError(f"{rationales_path}: only {len(examples)} usable example(s) "
+                     f"({report.summary()}); {hint}")
+  train, heldout = rx.split_heldout(examples, config.heldout_fraction, train_config.seed)
+  per_epoch = rx.BucketedBatches(train, train_config.batch_size, 0,
+                                 rx.bucket_boundaries(train_config.max_length),
+                                 train_config.seed).batches_per_epoch
+  num_steps = config.num_steps or config.num_epochs * per_epoch
+  train_config = dataclasses.replace(train_config, optim=dataclasses.replace(
+      train_config.optim, total_steps=num_steps,
+      warmup_steps=min(train_config.optim.warmup_steps, num_steps)))
+
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  manifest = {"init_from": os.path.abspath(config.init_from),
+              "rationales": os.path.abspath(rationales_path),
+              "fingerprint": distill_lib.fingerprint(train_config, examples, model_config),
+              "config": dataclasses.asdict(train_config)}
+  manifest_path = os.path.join(out, "manifest.json")
+  adapter_dir = layout.adapter
+  if (not config.force and os.path.exists(manifest_path)
+      and os.path.exists(os.path.join(adapter_dir, lora.PEFT_WEIGHTS_FILE))):
+    try:
+      previous = io.read_json(manifest_path, "distillation manifest")
+    except ValueError:
+      previous = {}
+    if previous.get("fingerprint") == manifest["fingerprint"]:
+      logging.info("%s matches %s: nothing to do (--force trains again)", adapter_dir,
+                   manifest_path)
+      return None
+  if config.force:  # from scratch: no checkpoint of an earlier run is resumed
+    for stale in (distill_lib.CHECKPOINT_DIR, distill_lib.LOG_DIR):
+      shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+  logging.info("%d train / %d held-out examples, %d steps (%d per epoch), LoRA %s",
+               len(train), len(heldout), num_steps, per_epoch, train_config.lora)
+  start = time.time()
+  result = distill_lib.train_and_evaluate(train_config, model_config, params, train, heldout,
+                                          pad_id, out, progress=config.progress)
+  lora.save_peft(adapter_dir, result.lora, train_config.lora,
+                 base_model_name_or_path=os.path.abspath(config.init_from),
+                 num_layers=model_config.num_hidden_layers)
+  summary = {"steps": result.final_step, "final_loss": result.final_loss,
+             "initial_heldout_nll": result.initial_heldout_nll,
+             "final_heldout_nll": result.final_heldout_nll,
+             "resumed_from": result.resumed_from, "seconds_this_run": time.time() - start,
+             "train_examples": len(train), "heldout_examples": len(heldout),
+             "adapter_parameters": lora.num_parameters(result.lora),
+             "adapter": adapter_dir}
+  io.write_json(os.path.join(out, "summary.json"), summary, default=str)
+  io.write_json(manifest_path, manifest, default=str)
+  return summary
+
+
+def distill_summary_line(summary: dict) -> str:
+  nll = ("no held-out examples" if summary["final_heldout_nll"] is None else
+         f"held-out NLL {summary['initial_heldout_nll'] or float('nan'):.4f} -> "
+         f"{summary['final_heldout_nll']:.4f}")
+  return f"distilled {summary['steps']} steps ({nll}); adapter in {summary['adapter']}"
