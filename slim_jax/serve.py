@@ -12,7 +12,8 @@ Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/compl
 with `data: [DONE]`). Errors use OpenAI's body, {"error": {"message", "type", "param",
 "code"}}, with 400 for invalid requests, 404 for unknown models and routes.
 
-Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread,
+Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread
+(slim_jax/batcher.py),
 which owns the generator: it waits `batch_window_ms` after each request for another to
 arrive, and while handler threads are still parsing requests (at most a second or ten
 windows in all, whichever is longer), then decodes up to `max_batch_size` rows in one batched,
@@ -25,7 +26,6 @@ Shutdown: SIGTERM or SIGINT stops accepting connections, lets requests in flight
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import http.server
 import json
@@ -37,14 +37,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
+from slim_jax import batcher as batcher_lib
 from slim_jax import generator_loading, quiet_logs
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
-MAX_GATHER_S = 1.0  # a gathering batch waits at most this long for company,
-MAX_WINDOWS = 10  # ... or this many batch windows when they are longer
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                "top_logprobs", "response_format", "audio", "modalities")
 
@@ -178,130 +176,6 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
       stream=stream, include_usage=bool(options.get("include_usage", False)))
 
 
-# ----------------------------------------------------------------------------- batching
-
-@dataclasses.dataclass
-class _Job:
-  """One request's rows, waiting for the batcher; `events` feeds a streaming handler."""
-  conversations: list[list[dict]]
-  sampling: list  # one generate.SamplingParams per row
-  on_text: Callable[[int, str], None] | None  # (choice index, new text), from the batcher
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  completions: list | None = None
-  error: BaseException | None = None
-
-
-class Batcher:
-  """Owns the generator; runs the rows of requests that arrive together as one batch."""
-
-  def __init__(self, generator, max_batch_size: int, window_s: float):
-    self.generator = generator
-    self.max_batch_size = max_batch_size
-    self.window_s = window_s
-    self.max_gather_s = max(MAX_GATHER_S, MAX_WINDOWS * window_s)
-    self._queue: queue.Queue = queue.Queue()
-    self._stopping = False
-    self._held: _Job | None = None  # did not fit the last batch
-    self._arriving = 0  # requests read and parsed by handlers, not yet submitted
-    self._arriving_lock = threading.Lock()
-    self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-    self.batches = 0
-    self.rows = 0
-    self.largest_batch = 0
-    self._thread.start()
-
-  def submit(self, job: _Job) -> _Job:
-    if len(job.conversations) > self.max_batch_size:
-      raise APIError(400, f"n={len(job.conversations)} is more than this server's batch size "
-                     f"{self.max_batch_size}", param="n", code="invalid_value")
-    if self._stopping:
-      raise APIError(503, "the server is shutting down", type_="server_error")
-    self._queue.put(job)
-    return job
-
-  @contextlib.contextmanager
-  def arriving(self):
-    """Wraps a handler's parsing and `submit`: a gathering batch waits for such requests."""
-    with self._arriving_lock:
-      self._arriving += 1
-    try:
-      yield
-    finally:
-      with self._arriving_lock:
-        self._arriving -= 1
-
-  def stop(self) -> None:
-    self._stopping = True
-    self._queue.put(None)
-    self._thread.join()
-
-  def _next_batch(self) -> list[_Job] | None:
-    first = self._held or self._queue.get()
-    self._held = None
-    if first is None:
-      return None
-    jobs, rows = [first], len(first.conversations)
-    # Keep gathering while requests keep coming: each arrival extends the wait by one window,
-    # up to max_gather_s in all. A burst of clients whose requests trickle in (threads parse and
-    # tokenize under the GIL, slowly on a loaded machine) then shares one batch instead of
-    # splitting, where the late rows wait for the whole first batch to finish.
-    start = time.monotonic()
-    deadline = start + self.window_s
-    while rows < self.max_batch_size:
-      try:
-        job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-      except queue.Empty:
-        # Handlers still parsing requests (16 clients' chat templates under the GIL take a
-        # while on a loaded machine): wait for them rather than leave them to the next batch.
-        if self._arriving and time.monotonic() < start + self.max_gather_s:
-          deadline = time.monotonic() + self.window_s
-          continue
-        break
-      deadline = min(start + self.max_gather_s, time.monotonic() + self.window_s)
-      if job is None:
-        self._queue.put(None)  # stop after this batch
-        break
-      if rows + len(job.conversations) > self.max_batch_size:
-        self._held = job
-        break
-      jobs.append(job)
-      rows += len(job.conversations)
-    return jobs
-
-  def _run(self) -> None:
-    while True:
-      jobs = self._next_batch()
-      if jobs is None:
-        return
-      conversations, sampling, owners = [], [], []
-      for job in jobs:
-        for index, (conversation, params) in enumerate(zip(job.conversations, job.sampling)):
-          conversations.append(conversation)
-          sampling.append(params)
-          owners.append((job, index))
-
-      def callback(row: int, text: str) -> None:
-        job, index = owners[row]
-        if job.on_text is not None and text:
-          job.on_text(index, text)
-
-      try:
-        completions = self.generator.chat(conversations, sampling=sampling, callback=callback)
-        self.batches += 1
-        self.rows += len(conversations)
-        self.largest_batch = max(self.largest_batch, len(conversations))
-        start = 0
-        for job in jobs:
-          job.completions = completions[start:start + len(job.conversations)]
-          start += len(job.conversations)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.exception("generation failed for a batch of %d rows", len(conversations))
-        for job in jobs:
-          job.error = e
-      for job in jobs:
-        job.done.set()
-
-
 # ----------------------------------------------------------------------------- HTTP
 
 class ChatServer:
@@ -315,7 +189,7 @@ class ChatServer:
     self.max_seq_len = max_seq_len
     self.default_max_tokens = default_max_tokens
     self.created = int(time.time())
-    self.batcher = Batcher(generator, max_batch_size, batch_window_ms / 1000.0)
+    self.batcher = batcher_lib.Batcher(generator, max_batch_size, batch_window_ms / 1000.0)
     self._busy = 0
     self._busy_lock = threading.Condition()
     self._draining = False
@@ -388,7 +262,7 @@ class ChatServer:
     return {"id": self.model_name, "object": "model", "created": self.created,
             "owned_by": "slim-jax"}
 
-  def prepare(self, request: ChatRequest) -> tuple[_Job, int]:
+  def prepare(self, request: ChatRequest) -> tuple[batcher_lib.Job, int]:
     """The job for a validated request and its prompt length; checks the context window."""
     if self._sampling_cls is None:
       from slim_jax import generate  # pylint: disable=import-outside-toplevel
@@ -406,7 +280,7 @@ class ChatServer:
     sampling = [self._sampling_cls(
         max_new_tokens=max_new, temperature=request.temperature, top_k=request.top_k,
         top_p=request.top_p, stop=request.stop, seed=seed + i) for i in range(request.n)]
-    job = _Job(conversations=[request.messages] * request.n, sampling=sampling, on_text=None)
+    job = batcher_lib.Job(conversations=[request.messages] * request.n, sampling=sampling, on_text=None)
     return job, prompt_tokens
 
   def count_prompt_tokens(self, messages: list[dict]) -> int:
@@ -507,7 +381,12 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
       events: queue.Queue = queue.Queue()
       if request.stream:
         job.on_text = lambda index, text: events.put((index, text))
-      self.chat.batcher.submit(job)
+      try:
+        self.chat.batcher.submit(job)
+      except batcher_lib.TooManyRows as e:
+        raise APIError(400, str(e), param="n", code="invalid_value") from None
+      except batcher_lib.Stopping:
+        raise APIError(503, "the server is shutting down", type_="server_error") from None
     if request.stream:
       self._stream(request, job, prompt_tokens, events)
     else:
@@ -522,7 +401,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
     self.wfile.flush()
 
-  def _stream(self, request: ChatRequest, job: _Job, prompt_tokens: int,
+  def _stream(self, request: ChatRequest, job: batcher_lib.Job, prompt_tokens: int,
               events: queue.Queue) -> None:
     """Writes a submitted job's text as it arrives in `events` (its `on_text`)."""
     self.send_response(200)
@@ -614,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="Prompt plus completion tokens per row.")
   parser.add_argument("--batch_window_ms", type=float, default=20.0,
                       help="How long a batch waits after each request for the next one "
-                      f"(at most {MAX_GATHER_S:g} s or {MAX_WINDOWS} windows in all, "
+                      f"(at most {batcher_lib.MAX_GATHER_S:g} s or {batcher_lib.MAX_WINDOWS} windows in all, "
                       "whichever is longer).")
   parser.add_argument("--default_max_tokens", type=int, default=512,
                       help="Completion length when a request gives no max_tokens.")

@@ -284,22 +284,6 @@ def test_concurrent_requests_share_batches():
   server.shutdown()
 
 
-def test_requests_that_trickle_in_within_a_window_of_each_other_share_one_batch():
-  # 60 requests 10 ms apart with a 50 ms window: about 600 ms from first to last, twelve
-  # windows, yet each arrives well before the window since the previous one closes.
-  generator = FakeGenerator()
-  batcher = serve.Batcher(generator, max_batch_size=64, window_s=0.05)
-  jobs = []
-  for i in range(60):
-    jobs.append(batcher.submit(serve._Job([[{"role": "user", "content": f"user {i}"}]],
-                                          [FakeSampling(max_new_tokens=2)], None)))
-    time.sleep(0.015)
-  for job in jobs:
-    assert job.done.wait(10) and job.error is None
-  batcher.stop()
-  assert generator.batch_sizes == [60]
-
-
 def test_batches_never_exceed_the_limit():
   generator = FakeGenerator()
   with serve.ChatServer(generator, "m", max_batch_size=4, batch_window_ms=50,
