@@ -14,7 +14,6 @@ this machine in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slim_jax import assets
+from slim_jax import assets, io
 from slim_jax.convert import pretrained
 from slim_jax.models import lora as lora_lib
 from slim_jax.train import distill, optim
@@ -165,8 +164,7 @@ def main():
         f"{flops / 1e9:.0f} GFLOP per step; {jax.device_count()} JAX device(s), "
         f"{threads} torch threads")
   if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"benchmark": "distill", "rows": rows}, f, indent=2)
+    io.write_json(args.out, {"benchmark": "distill", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from distill import step_flops  # noqa: E402  (benchmarks/distill.py)
-from slim_jax import memory_plan, sharding  # noqa: E402
+from slim_jax import io, memory_plan, sharding  # noqa: E402
 from slim_jax.models import llama  # noqa: E402
 from slim_jax.models import lora as lora_lib  # noqa: E402
 from slim_jax.train import distill, optim  # noqa: E402
@@ -119,10 +118,8 @@ def main(argv=None) -> None:
     print(f"{name}: {row['tokens_per_s']:.0f} tokens/s, {row['tflops_per_s_per_device']:.1f} "
           f"TFLOP/s per device, MFU {100 * row['mfu']:.1f}% ({row['device_kind']})", flush=True)
     rows.append(row)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "quick": args.quick,
-               "rows": rows}, f, indent=2)
+  io.write_json(args.out, {"jax": jax.__version__, "backend": jax.default_backend(),
+                           "quick": args.quick, "rows": rows})
   print("wrote", os.path.abspath(args.out))
 
 
