@@ -178,6 +178,12 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
 
 # ----------------------------------------------------------------------------- HTTP
 
+class _ThreadingHTTPServer(http.server.ThreadingHTTPServer):
+  # A client's concurrent requests (the teacher stage opens 16 at once) arrive together:
+  # socketserver's default listen backlog of 5 refuses the rest, which then retry.
+  request_queue_size = 128
+
+
 class ChatServer:
   """The HTTP front: validates, tokenizes for limits, queues rows, writes OpenAI bodies."""
 
@@ -196,7 +202,7 @@ class ChatServer:
     self.stopped = threading.Event()
     self._thread: threading.Thread | None = None
     self._sampling_cls = sampling_cls
-    self.httpd = http.server.ThreadingHTTPServer((host, port), ChatHandler)
+    self.httpd = _ThreadingHTTPServer((host, port), ChatHandler)
     self.httpd.chat_server = self
     self.httpd.daemon_threads = True  # idle keep-alive connections must not block exit
 

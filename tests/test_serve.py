@@ -436,3 +436,23 @@ def test_smollm2_answers_a_teacher_prompt():
         messages=[{"role": "user", "content": "Name three Nintendo games."}])
   text = out.choices[0].message.content
   assert out.choices[0].finish_reason in ("stop", "length") and len(text.split()) >= 3
+
+
+def test_a_burst_of_clients_is_accepted_without_retries(fake_server):
+  # 64 clients connecting at once (the teacher stage opens 16 the moment the server is
+  # up): with socketserver's default backlog of 5, some connections were refused.
+  server, _ = fake_server
+  errors = []
+
+  def ask():
+    try:
+      openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0).chat.completions.create(
+          model="fake-model", messages=USER, max_tokens=2)
+    except openai.APIError as e:
+      errors.append(repr(e))
+  threads = [threading.Thread(target=ask) for _ in range(64)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors[:3]
