@@ -298,17 +298,13 @@ def main(argv):
 
   rec_dir = layout.recommend(spec.train_fraction)
   report_dir = layout.report(spec.train_fraction)
-  trained: dict = {}
-
-  def recommend_stage(fingerprint=None):
-    trained["results"], trained["analyses"] = grid.train_grid(
-        w, spec, log=lambda m: print(m, flush=True), fingerprint=fingerprint)
+  def recommend_stage(fingerprint):
+    grid.train_grid(w, spec, log=lambda m: print(m, flush=True), fingerprint=fingerprint)
 
   def report_stage(fingerprint):
     del fingerprint
-    if not trained:  # all cached: reads the result.json files
-      recommend_stage(runner.wanted(by_name["recommend"])["fingerprint"])
-    report.write(trained["results"], report_dir, analyses=trained["analyses"],
+    results, analyses = grid.read_results(w, spec)  # the recommend stage's output
+    report.write(results, report_dir, analyses=analyses,
                  title=f"SLIM on {dataset} ({FLAGS.preset} preset"
                  + (f", {spec.train_fraction:g} of training" if spec.suffix else "") + ")",
                  command=" ".join(sys.argv), stage_times=runner.record)
@@ -341,7 +337,6 @@ def main(argv):
         [os.path.join(report_dir, f) for f in ("results.md", "results.csv", "results.png",
                                                 "interpretability.md")], {}),
   ]
-  by_name = {s.name: s for s in plan}
   for s in plan:
     s.expected_seconds = preset.expected[s.name]
   import jax  # pylint: disable=import-outside-toplevel

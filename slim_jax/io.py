@@ -59,6 +59,33 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
       yield f
 
 
+class Locked(RuntimeError):
+  """Another process holds the lock; `holder` is its pid as it wrote it ('unknown' if not)."""
+
+  def __init__(self, path: str, holder: str):
+    super().__init__(f"{path} is held by pid {holder}")
+    self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+  """Holds an flock on `path` (released when the process ends, however it ends) and writes
+  this process's pid into it; raises Locked at once if another process holds it."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise Locked(path, f.read().strip() or "unknown") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+
+
 def write_text(path: str, text: str) -> None:
   with atomic_open(path) as f:
     f.write(text)
@@ -81,6 +108,12 @@ def write_jsonl(path: str, rows: Iterable[Any]) -> None:
   with atomic_open(path) as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def fingerprint(value: Any) -> str:
+  """sha256 of a JSON-able value in canonical form (sorted keys): the identity of what a
+  stage or a unit of work was made from."""
+  return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_json(path: str, what: str = "file") -> Any:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -93,25 +92,13 @@ def workdir_lock(workdir: str):
   """Holds `<workdir>/pipeline/lock` (an flock, released when the process ends, however it
   ends) for the duration; a second run on the same workdir fails at once, naming the pid
   of the run that holds it."""
-  import fcntl  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.join(workdir, MANIFEST_DIR), exist_ok=True)
   path = os.path.join(workdir, MANIFEST_DIR, "lock")
-  f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
   try:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "unknown"
-      raise WorkdirLocked(f"{workdir} is in use by another run (pid {holder}, lock {path}); "
-                          "wait for it to finish, stop it, or use another --workdir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    yield
-  finally:
-    f.close()
+    with io.exclusive_lock(path):
+      yield
+  except io.Locked as e:
+    raise WorkdirLocked(f"{workdir} is in use by another run (pid {e.holder}, lock {path}); "
+                        "wait for it to finish, stop it, or use another --workdir") from None
 
 
 class Pipeline:
@@ -133,8 +120,7 @@ class Pipeline:
     """{'fingerprint', 'inputs', 'params'} of the stage as it would run now."""
     wanted = {"inputs": {p: io.hash_path(p) for p in stage.inputs},
               "params": json.loads(json.dumps(stage.params, sort_keys=True, default=str))}
-    wanted["fingerprint"] = hashlib.sha256(
-        json.dumps(wanted, sort_keys=True).encode()).hexdigest()
+    wanted["fingerprint"] = io.fingerprint(wanted)
     return wanted
 
   def _stored_fingerprint(self, path: str) -> str | None:

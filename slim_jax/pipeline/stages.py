@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -49,7 +48,7 @@ class GenerateConfig:
                 "adapter": io.hash_path(self.adapter) if self.adapter else None,
                 "max_new_tokens": self.max_new_tokens, "max_seq_len": self.max_seq_len,
                 "temperature": self.temperature}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return io.fingerprint(identity)
 
 
 def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None = None) -> int:
@@ -161,14 +160,20 @@ class TeacherLocked(RuntimeError):
   """Another teacher run holds this workdir's rationale file."""
 
 
-def teacher_requests(layout: RunLayout, config: TeacherConfig) -> list[tuple[int, list[dict]]]:
+def teacher_template(config: TeacherConfig) -> prompts.PromptTemplate:
+  return (prompts.load_template(config.template) if config.template
+          else prompts.PromptTemplate())
+
+
+def teacher_requests(layout: RunLayout, config: TeacherConfig,
+                     template: prompts.PromptTemplate | None = None
+                     ) -> list[tuple[int, list[dict]]]:
   """(user, messages) for every user of U', in user order."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
   if config.num_users < 0:
     raise ValueError(f"--num_users must be >= 0, got {config.num_users}")
-  template = (prompts.load_template(config.template) if config.template
-              else prompts.PromptTemplate())
+  template = template or teacher_template(config)
   dataset = prepare.prepare_or_load(config.dataset, config.data_dir, layout.workdir)
   users = list(range(dataset.num_users))
   if 0 < config.num_users < dataset.num_users:
@@ -179,12 +184,10 @@ def teacher_requests(layout: RunLayout, config: TeacherConfig) -> list[tuple[int
                                      max_history=config.max_history)) for u in users]
 
 
-def _teacher_settings(config: TeacherConfig) -> dict:
+def _teacher_settings(config: TeacherConfig, template: prompts.PromptTemplate) -> dict:
   """What the lines in teacher.jsonl depend on besides the prompts themselves. The
   endpoint's address is left out on purpose: a resumed run may reach the same model
   elsewhere (a restarted local server picks another port)."""
-  template = (prompts.load_template(config.template) if config.template
-              else prompts.PromptTemplate())
   c = config.client
   return {"model": c.model, "temperature": c.temperature, "top_p": c.top_p,
           "max_tokens": c.max_tokens, "seed": c.seed, "max_history": config.max_history,
@@ -219,40 +222,43 @@ def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None):
   teacher_summary.json; returns the client's Stats. Raises TeacherLocked, ValueError
   (settings differ from the lines already written) or client.FatalError (the endpoint
   refuses: a bad key, an unknown model)."""
-  import fcntl  # pylint: disable=import-outside-toplevel
+  template = teacher_template(config)
+  requests = teacher_requests(layout, config, template)
+  try:
+    with io.exclusive_lock(layout.teacher_lock):
+      return _ask_teacher(layout, config, template, requests, api_key)
+  except io.Locked as e:  # only the lock raises it
+    raise TeacherLocked(f"another teacher run holds {layout.teacher_lock} (pid {e.holder}); "
+                        "wait for it to finish or stop it first") from None
+
+
+def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, requests,
+                 api_key: str | None):
+  """The body of `teacher`, under its lock."""
   from slim_jax.teacher import client, rationales  # pylint: disable=import-outside-toplevel
-  requests = teacher_requests(layout, config)
   out = layout.teacher_rationales
-  os.makedirs(os.path.dirname(layout.teacher_lock), exist_ok=True)
-  with open(layout.teacher_lock, "w", encoding="utf-8") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise TeacherLocked(f"another teacher run holds {layout.teacher_lock}; wait for it to "
-                          "finish or stop it first") from None
-    removed = rationales.dedupe(out) if os.path.exists(out) else 0
-    if removed:
-      logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
-                      out, removed)
-    _check_teacher_resume(layout, _teacher_settings(config), requests)
-    logging.info("asking %s for %d users (%d requested, seed %d)",
-                 config.client.base_url or "OpenAI", len(requests), config.num_users,
-                 config.seed)
-    total = len(requests)
+  removed = rationales.dedupe(out) if os.path.exists(out) else 0
+  if removed:
+    logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
+                    out, removed)
+  _check_teacher_resume(layout, _teacher_settings(config, template), requests)
+  logging.info("asking %s for %d users (%d requested, seed %d)",
+               config.client.base_url or "OpenAI", len(requests), config.num_users,
+               config.seed)
+  total = len(requests)
 
-    def progress(stats) -> None:
-      done = stats.users_done + stats.users_skipped
-      if stats.users_done % 10 == 0 or done == total:
-        logging.info("%d/%d users done (%d requests, %d retries)", done, total,
-                     stats.requests, stats.retries)
+  def progress(stats) -> None:
+    done = stats.users_done + stats.users_skipped
+    if stats.users_done % 10 == 0 or done == total:
+      logging.info("%d/%d users done (%d requests, %d retries)", done, total,
+                   stats.requests, stats.retries)
 
-    stats = client.collect(requests, out, config.client, api_key, progress=progress)
-    summary = stats.as_dict()
-    summary["estimated_cost_usd"] = stats.cost(*config.price)
-    summary["price_per_million_tokens"] = {"input": config.price[0],
-                                           "output": config.price[1]}
-    summary["output"] = out
-    io.write_json(layout.teacher_summary, summary)
+  stats = client.collect(requests, out, config.client, api_key, progress=progress)
+  summary = stats.as_dict()
+  summary["estimated_cost_usd"] = stats.cost(*config.price)
+  summary["price_per_million_tokens"] = {"input": config.price[0], "output": config.price[1]}
+  summary["output"] = out
+  io.write_json(layout.teacher_summary, summary)
   return stats
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -109,8 +107,7 @@ def default_fingerprint(workdir: str, spec: GridSpec) -> str:
   vectors = sorted(glob.glob(layout.vectors("*")))  # not the folder: it holds an XLA cache
   inputs = {os.path.relpath(path, workdir): io.hash_path(path)
             for path in [layout.data, layout.embeddings_manifest, *vectors]}
-  return hashlib.sha256(json.dumps({"spec": dataclasses.asdict(spec), "inputs": inputs},
-                                   sort_keys=True).encode()).hexdigest()
+  return io.fingerprint({"spec": dataclasses.asdict(spec), "inputs": inputs})
 
 
 def _reusable_result(run_dir: str, fingerprint: str) -> dict | None:
@@ -172,6 +169,14 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
       {"backbone": b, "variant": v, "test": results[(b, v)], "analysis": analyses[(b, v)]}
       for b, v in results], indent=1, default=float)
   return results, analyses
+
+
+def read_results(workdir: str, spec: GridSpec) -> tuple[dict, dict]:
+  """(results, analyses) as `train_grid` returns them, from the recommend stage's
+  results.json, so the report needs no training code."""
+  rows = io.read_json(os.path.join(recommend_dir(workdir, spec), RESULTS_FILE), "grid results")
+  return ({(r["backbone"], r["variant"]): r["test"] for r in rows},
+          {(r["backbone"], r["variant"]): r["analysis"] for r in rows})
 
 
 def interpretability_cases(workdir: str, spec: GridSpec, student: dict,
