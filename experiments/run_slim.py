@@ -298,6 +298,7 @@ def main(argv):
 
   rec_dir = layout.recommend(spec.train_fraction)
   report_dir = layout.report(spec.train_fraction)
+
   def recommend_stage(fingerprint):
     grid.train_grid(w, spec, log=lambda m: print(m, flush=True), fingerprint=fingerprint)
 
