@@ -41,6 +41,9 @@ flags.DEFINE_integer("max_seq_len", _D.max_seq_len, "Prompt plus rationale token
 flags.DEFINE_integer("max_history", _D.max_history, "History items in a prompt.")
 flags.DEFINE_integer("num_users", _D.num_users, "Only the first N users (0: every user).")
 flags.DEFINE_float("temperature", _D.temperature, "Sampling temperature (0 = greedy).")
+flags.DEFINE_integer("holdout", _D.holdout, "A training rationale is written from the "
+                     "training prefix less its last this many items (at most half of it); "
+                     "docs/causal_rationales.md.")
 flags.DEFINE_string("fingerprint", None, "Identity of what the rationales are made from, "
                     "recorded in each record; records with another are written again "
                     "(default: a hash of the student, the adapter and these flags; "
@@ -48,7 +51,7 @@ flags.DEFINE_string("fingerprint", None, "Identity of what the rationales are ma
 FLAGS = flags.FLAGS
 # Flags that set a GenerateConfig field of the same name.
 CONFIG_FIELDS = ("max_new_tokens", "batch_size", "max_seq_len", "max_history", "num_users",
-                 "temperature")
+                 "temperature", "holdout")
 
 
 def main(argv):

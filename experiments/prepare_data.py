@@ -44,6 +44,9 @@ _CATEGORY = flags.DEFINE_string("category", None,
 _MAX_USERS = flags.DEFINE_integer(
     "max_users", None, "Keep a uniform sample of this many users (drawn with --seed, before "
     "the k-core filter); default 0: every user.")
+_TRAIN_FRACTION = flags.DEFINE_float(
+    "train_fraction", None, "Sparsity analysis: keep this fraction of each user's training "
+    "prefix (the validation and test items stay); default 1: all of it.")
 _FORCE = flags.DEFINE_bool("force", False, "Recompute even if the prepared data matches.")
 
 flags.mark_flag_as_required("workdir")
@@ -63,7 +66,8 @@ def main(argv):
         _DATASET.value, _DATA_DIR.value, _WORKDIR.value, core=_CORE.value,
         max_len=_MAX_LEN.value, skip_bad_lines=_SKIP_BAD_LINES.value, seed=_SEED.value,
         num_negatives=_NUM_NEGATIVES.value, release=_RELEASE.value,
-        category=_CATEGORY.value, max_users=_MAX_USERS.value, force=_FORCE.value)
+        category=_CATEGORY.value, max_users=_MAX_USERS.value,
+        train_fraction=_TRAIN_FRACTION.value, force=_FORCE.value)
   except (FileNotFoundError, ValueError, raw.MalformedLineError) as e:  # the message says what to do
     print(f"prepare_data.py: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -18,8 +18,10 @@ the paths):
              the popularity-bias and cold-start analyses of slim_jax/analysis.py)
   report     report/results.{md,csv,png}, report/interpretability.md (slim_jax/report.py)
 
-The sparsity analysis reruns the last two stages on thinned training data:
-  python experiments/run_slim.py --workdir=runs/ml-100k --train_fraction=0.5
+The sparsity analysis is a run of its own, on a workdir of its own: every stage (the
+rationales, the embeddings, the recommenders) works from histories thinned at preparation,
+with head items and cold-start users fixed from the full data:
+  python experiments/run_slim.py --workdir=runs/ml-100k-half --train_fraction=0.5
 
 Presets: smoke (synthetic data, tiny budgets: minutes on 2 cores), default (MovieLens-100k
 sampled to 120 users so that the LLM stages fit the 2-core CPU, SmolLM2-135M-Instruct
@@ -46,6 +48,7 @@ from absl import app, flags, logging  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
 from slim_jax.pipeline.presets import PRESETS, STUDENT_BATCH, TEACHER_BATCH  # noqa: E402
 from slim_jax.recommenders import slim  # noqa: E402
+from slim_jax.teacher import prompts  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run folder for every stage.")
 flags.DEFINE_enum("preset", "default", ["smoke", "default", "full"], "Budget preset.")
@@ -62,9 +65,9 @@ flags.DEFINE_string("encoder", None, "BERT folder (default: MiniLM from gt_all_m
 flags.DEFINE_integer("epochs", None, "Recommender epochs (default: the preset's).")
 flags.DEFINE_integer("max_users", None, "Keep a uniform sample of this many users (seeded; "
                      "0: every user; default: the preset's).")
-flags.DEFINE_float("train_fraction", 1.0, "Sparsity analysis: train the recommenders on this "
-                   "fraction of each user's training interactions (results in "
-                   "recommend_train<f>/ and report_train<f>/).")
+flags.DEFINE_float("train_fraction", 1.0, "Sparsity analysis: thin each user's training "
+                   "interactions to this fraction at preparation, so every stage works from "
+                   "the thinned histories; use a --workdir of its own.")
 flags.DEFINE_float("head_share", 0.2, "Popularity analysis: the most popular share of items "
                    "counted as head items.")
 flags.DEFINE_integer("cold_max_count", 5, "Cold-start analysis: test users whose held-out "
@@ -200,11 +203,13 @@ def main(argv):
   max_users = preset.max_users if FLAGS.max_users is None else FLAGS.max_users
   if max_users < 0:
     raise app.UsageError(f"--max_users={max_users} must be >= 0 (0: every user)")
+  if not 0.0 < FLAGS.train_fraction <= 1.0:
+    raise app.UsageError(f"--train_fraction={FLAGS.train_fraction} must be in (0, 1]")
   try:
     spec = grid.GridSpec(backbones=backbones, variants=variants, seeds=seeds, epochs=epochs,
                          patience=preset.patience, hidden=preset.hidden_size,
                          batch=preset.batch_size, max_len=preset.max_len,
-                         train_fraction=FLAGS.train_fraction, head_share=FLAGS.head_share,
+                         learning_rate=preset.learning_rate, head_share=FLAGS.head_share,
                          cold_max_count=FLAGS.cold_max_count)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
@@ -232,6 +237,10 @@ def main(argv):
   data_dir = layout.data
   teacher_file = layout.teacher_rationales
   student_file = layout.student_rationales
+  teacher_sources = [prompts.source_name("teacher", k) for k in prompts.KINDS]
+  teacher_files = [layout.rationale_file(s) for s in teacher_sources]
+  student_files = [layout.rationale_file(prompts.source_name("student", k))
+                   for k in prompts.KINDS]
   adapter = layout.adapter
 
   def prepare_stage(fingerprint):
@@ -240,7 +249,7 @@ def main(argv):
     small = dataset == "amazon" and preset.synthetic is not None and not FLAGS.data_dir
     prepare.prepare_or_load(dataset, source_dir, w, core=2 if small else None,
                             num_negatives=20 if small else None, max_len=preset.max_len,
-                            max_users=max_users)
+                            max_users=max_users, train_fraction=FLAGS.train_fraction)
 
   def teacher_stage(fingerprint):
     del fingerprint  # each record keeps its prompt; the stage refuses mixed settings
@@ -251,7 +260,7 @@ def main(argv):
           client=client.ClientConfig(base_url=url, model=model, max_tokens=preset.teacher_tokens,
                                      seed=0, timeout=900.0, concurrency=TEACHER_BATCH),
           dataset=dataset, data_dir=source_dir, num_users=preset.teacher_users,
-          max_history=preset.max_history)
+          max_history=preset.max_history, holdout=preset.holdout)
       try:
         stats = stages.teacher(layout, config, key)
       except (stages.TeacherLocked, client.FatalError, ValueError) as e:
@@ -289,26 +298,32 @@ def main(argv):
   def generate_stage(fingerprint):
     stages.generate(layout, stages.GenerateConfig(
         student=student, adapter=adapter, max_new_tokens=preset.student_tokens,
-        max_history=preset.max_history, batch_size=STUDENT_BATCH), fingerprint)
+        max_history=preset.max_history, batch_size=STUDENT_BATCH, holdout=preset.holdout),
+        fingerprint)
 
   def encode_stage(fingerprint):
     del fingerprint  # encode reuses only vectors of identical texts
     summary = stages.encode(layout, stages.EncodeConfig(encoder=FLAGS.encoder, progress=False))
     print(f"encoded {summary['encoded']} new texts into {layout.embeddings}", flush=True)
 
-  rec_dir = layout.recommend(spec.train_fraction)
-  report_dir = layout.report(spec.train_fraction)
+  rec_dir = layout.recommend
+  report_dir = layout.report
 
   def recommend_stage(fingerprint):
     grid.train_grid(w, spec, log=lambda m: print(m, flush=True), fingerprint=fingerprint)
 
   def report_stage(fingerprint):
     del fingerprint
-    results, analyses = grid.read_results(w, spec)  # the recommend stage's output
-    report.write(results, report_dir, analyses=analyses,
+    from slim_jax.data import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
+    from slim_jax.teacher import quality  # pylint: disable=import-outside-toplevel
+    results = grid.read_results(w, spec)  # the recommend stage's output
+    report.write(results, report_dir,
                  title=f"SLIM on {dataset} ({FLAGS.preset} preset"
-                 + (f", {spec.train_fraction:g} of training" if spec.suffix else "") + ")",
-                 command=" ".join(sys.argv), stage_times=runner.record)
+                 + (f", {FLAGS.train_fraction:g} of training" if FLAGS.train_fraction < 1
+                    else "") + ")",
+                 command=" ".join(sys.argv), stage_times=runner.record,
+                 rationale_stats=quality.rationale_stats(layout, dataset_lib.load(data_dir)),
+                 reading=list(preset.reading))
     student = rationales.by_user(rationales.read(student_file))
     report.interpretability_page(os.path.join(report_dir, "interpretability.md"),
                                  grid.interpretability_cases(w, spec, student))
@@ -317,18 +332,21 @@ def main(argv):
   plan = [
       P("prepare", prepare_stage, raw_inputs(dataset, FLAGS.data_dir, source_dir), [data_dir],
         {"dataset": dataset, "data_dir": FLAGS.data_dir, "synthetic": preset.synthetic,
-         "max_users": max_users}),
-      P("teacher", teacher_stage, [data_dir], [teacher_file],
+         "max_users": max_users, "train_fraction": FLAGS.train_fraction}),
+      P("teacher", teacher_stage, [data_dir], teacher_files,
         {"url": FLAGS.teacher_base_url, "model": FLAGS.teacher_model or student,
          "users": preset.teacher_users, "tokens": preset.teacher_tokens,
-         "history": preset.max_history},
-        work=[teacher_file, layout.teacher_manifest, layout.teacher_summary]),
+         "history": preset.max_history, "holdout": preset.holdout},
+        work=[f for s in teacher_sources for f in (layout.rationale_file(s),
+                                                    layout.rationale_manifest(s),
+                                                    layout.rationale_summary(s))]),
       P("distill", distill_stage, [teacher_file], [adapter],
         {"student": student, "steps": preset.distill_steps, "len": preset.distill_max_length},
         work=[layout.distill]),
-      P("generate", generate_stage, [data_dir, adapter], [student_file],
-        {"student": student, "tokens": preset.student_tokens, "history": preset.max_history}),
-      P("encode", encode_stage, [data_dir, teacher_file, student_file],
+      P("generate", generate_stage, [data_dir, adapter], student_files,
+        {"student": student, "tokens": preset.student_tokens, "history": preset.max_history,
+         "holdout": preset.holdout}),
+      P("encode", encode_stage, [data_dir, *teacher_files, *student_files],
         [layout.vectors("items"), layout.vectors("student")],
         {"encoder": FLAGS.encoder},
         work=[layout.embeddings_manifest, layout.vectors("items"), layout.vectors("student")]),

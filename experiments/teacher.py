@@ -35,6 +35,12 @@ flags.DEFINE_integer("num_users", 0, "Size of the user subset U' (seeded); 0: ev
 flags.DEFINE_integer("seed", 0, "Seed for choosing U' and for the endpoint's sampling.")
 flags.DEFINE_integer("max_history", prompts.DEFAULT_MAX_HISTORY,
                      "Most recent training-prefix items shown in a prompt.")
+flags.DEFINE_list("kinds", list(prompts.KINDS), "Rationales to write per user: 'eval' (from "
+                  "the whole training prefix, teacher.jsonl) and 'train' (up to a cutoff "
+                  "--holdout items before its end, teacher_train.jsonl).")
+flags.DEFINE_integer("holdout", prompts.DEFAULT_RATIONALE_HOLDOUT,
+                     "A training rationale is written from the training prefix less its last "
+                     "this many items (at most half of it), docs/causal_rationales.md.")
 flags.DEFINE_string("template", None, "Prompt template file: the user message with a "
                     "{history} placeholder (optionally {num_items}); a line '---' splits off a "
                     "system message above it. Default: the built-in three-step prompt.")
@@ -98,18 +104,22 @@ def count_tokens_fn():
   return count, f"counted with the tokenizer at {path}"
 
 
-def dry_run(requests, price: tuple[float, float]) -> None:
+def dry_run(requests_by_kind: dict, price: tuple[float, float]) -> None:
+  """requests_by_kind: stages.teacher_requests' {kind: [TeacherRequest]}."""
   count, how = count_tokens_fn()
-  user_id, messages = requests[0]
-  print(f"Sample prompt (user {user_id}):")
-  for m in messages:
+  requests = [r for kind_requests in requests_by_kind.values() for r in kind_requests]
+  first = requests[0]
+  print(f"Sample prompt (user {first.user}, written from the first {first.cutoff} training "
+        "items):")
+  for m in first.messages:
     print(f"--- {m['role']} ---\n{m['content']}")
-  per_user = [sum(count(m["content"]) for m in msgs) for _, msgs in requests]
+  per_user = [sum(count(m["content"]) for m in r.messages) for r in requests]
   total = int(sum(per_user))
   most_out = len(requests) * FLAGS.max_tokens
   print(f"\nToken counts ({how}):")
   print(f"  sample prompt        {per_user[0]}")
-  print(f"  users                {len(requests)}")
+  print(f"  requests             {len(requests)} "
+        f"({', '.join(f'{len(v)} {k}' for k, v in requests_by_kind.items())})")
   print(f"  prompt tokens        mean {np.mean(per_user):.0f}, max {max(per_user)}, "
         f"total {total}")
   print(f"  completion tokens    at most {most_out} ({FLAGS.max_tokens} per user)")
@@ -140,6 +150,10 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   layout = RunLayout(FLAGS.workdir)
+  bad = [k for k in FLAGS.kinds if k not in prompts.KINDS]
+  if bad or not FLAGS.kinds:
+    raise app.UsageError(f"--kinds={','.join(FLAGS.kinds)}: choose one or more of "
+                         f"{','.join(prompts.KINDS)}")
   config = stages.TeacherConfig(
       client=client.ClientConfig(
           base_url=FLAGS.teacher_base_url, model=FLAGS.teacher_model,
@@ -149,7 +163,7 @@ def main(argv):
           backoff_max=FLAGS.backoff_max),
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, num_users=FLAGS.num_users,
       seed=FLAGS.seed, max_history=FLAGS.max_history, template=FLAGS.template,
-      price=parse_price(FLAGS.price))
+      price=parse_price(FLAGS.price), holdout=FLAGS.holdout, kinds=tuple(FLAGS.kinds))
   if FLAGS.dry_run:
     try:
       dry_run(stages.teacher_requests(layout, config), config.price)

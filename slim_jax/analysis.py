@@ -9,51 +9,27 @@
                                         training interactions
   user_analysis(model, params, ...)     per test user: the sampled-ranking metrics and the
                                         full-ranking top-k (seen items excluded)
-  summarize(per_user, head, cold)       {"head_share@10", "cold": {"users", metric: mean}}
 
-Popularity bias is the share of the top-10 (ranked over every unseen item) that are head
-items; a model leaning on popularity recommends more of them than the backbone. Cold start
+slim_jax/train/grid.py keeps each test user's metrics and head@10; slim_jax/claims.py and
+slim_jax/report.py summarise them. Popularity bias is the share of the top-10 (ranked over
+every unseen item) that are head items; a model leaning on popularity recommends more of them than the backbone. Cold start
 compares models on the users whose held-out item was rarely seen in training: the ID
 embeddings of such items are barely trained, the text vectors are not.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from slim_jax.data.dataset import SequenceDataset
+from slim_jax.data.sparsity import thin_training, training_counts  # noqa: F401 (re-exported)
 from slim_jax.data.sequences import EvalSet
 from slim_jax.recommenders import backbone
 from slim_jax.train import metrics
 
 TOP_K = 10
-
-
-def thin_training(data: SequenceDataset, fraction: float, seed: int = 0) -> SequenceDataset:
-  """Keeps a random `fraction` (at least one) of each user's training prefix, in time order."""
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"--train_fraction must be in (0, 1], got {fraction}")
-  rng = np.random.default_rng(seed)
-  sequences, timestamps = [], []
-  for seq, times in zip(data.sequences, data.timestamps):
-    prefix = len(seq) - 2
-    keep = max(1, int(round(fraction * prefix)))
-    index = np.concatenate([np.sort(rng.choice(prefix, keep, replace=False)),
-                            [prefix, prefix + 1]])
-    sequences.append(seq[index])
-    timestamps.append(times[index])
-  return dataclasses.replace(data, sequences=sequences, timestamps=timestamps)
-
-
-def training_counts(data: SequenceDataset) -> np.ndarray:
-  counts = np.zeros(data.num_items + 1, np.int64)
-  for user in range(data.num_users):
-    np.add.at(counts, data.train_prefix(user), 1)
-  return counts
 
 
 def head_items(counts: np.ndarray, share: float = 0.2) -> np.ndarray:
@@ -76,8 +52,8 @@ def user_analysis(model, params, test: EvalSet, num_items: int, *, batch_size: i
   """Per test user: sampled metrics {name: [U]} and "top" [U, k], seen items excluded."""
 
   @jax.jit
-  def score(inputs, users, candidates, exclude):
-    reps = model.apply({"params": params}, inputs, users, deterministic=True,
+  def score(inputs, users, lengths, candidates, exclude):
+    reps = model.apply({"params": params}, inputs, users, lengths, deterministic=True,
                        all_positions=False)
     sampled = metrics.sampled_ranking_metrics(
         backbone.score_candidates(reps.sequence, reps.items, candidates))
@@ -92,18 +68,8 @@ def user_analysis(model, params, test: EvalSet, num_items: int, *, batch_size: i
     exclude = np.ones((batch_size, num_items + 1), bool)
     exclude[:stop - start] = test.exclude_mask(num_items, start, stop)
     sampled, top = jax.device_get(score(rows(test.inputs), rows(test.users),
-                                        rows(test.candidates), exclude))
+                                        rows(test.lengths), rows(test.candidates), exclude))
     parts.append(({m: v[:stop - start] for m, v in sampled.items()}, top[:stop - start]))
   out = {m: np.concatenate([p[0][m] for p in parts]) for m in parts[0][0]}
   out["top"] = np.concatenate([p[1] for p in parts])
   return out
-
-
-def summarize(per_user: dict[str, np.ndarray], head: np.ndarray, cold: np.ndarray) -> dict:
-  """Head share of the top-k over every user, and the mean metrics of the cold users (None
-  when there are none)."""
-  names = [m for m in per_user if m != "top"]
-  return {f"head_share@{per_user['top'].shape[1]}": float(head[per_user["top"]].mean()),
-          "cold": {"users": int(len(cold)),
-                   **{m: float(per_user[m][cold].mean()) if len(cold) else None
-                      for m in names}}}

@@ -6,14 +6,18 @@ slim_jax/models/bert.py; `run_stage` is the encoding stage that experiments/enco
 Stage contract (the SLIM recommender stage reads these files):
 
   inputs   <workdir>/data/items.jsonl, users.jsonl        (slim_jax/data/dataset.py)
-           <workdir>/rationales/{teacher,student}.jsonl   (slim_jax/teacher/rationales.py)
+           <workdir>/rationales/{teacher,student}{,_train}.jsonl
+                                                  (slim_jax/teacher/rationales.py)
   outputs  <workdir>/embeddings/
     items.npy              [num_items + 1, D] float32; row i is item i's text vector `text`;
                            row 0 (the padding id) is zeros
     S.npy                  [num_users, D] float32 for each rationale source S present
-                           (teacher, student): row u is user u's `response` vector, zeros
+                           (encode.SOURCES): row u is user u's `response` vector, zeros
                            where the user has no rationale
     S.present.npy          [num_users] bool: which rows of S.npy hold a rationale
+    S.cutoff.npy           [num_users] int32: how many training-prefix items row u's
+                           rationale was written from (its `cutoff`; the whole prefix
+                           when the record has none); 0 where absent
     S_step{1,2,3}.npy      the same for one step's text (`steps.stepK`); a user whose
     S_step{1,2,3}.present.npy   response did not parse into steps is absent there
     manifest.json          encoder (path, weights hash, pooling, normalize, dim,
@@ -68,7 +72,8 @@ from slim_jax.models import bert
 from slim_jax.pipeline.layout import RunLayout
 
 POOLING_MODES = ("mean", "cls", "pooler")
-SOURCES = ("teacher", "student")
+# Evaluation and training rationales of each writer (teacher/prompts.py KINDS).
+SOURCES = ("teacher", "teacher_train", "student", "student_train")
 STEPS = ("step1", "step2", "step3")
 
 
@@ -329,11 +334,6 @@ def text_sha256(text: str) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-  with io.atomic_open(path, "wb") as f:
-    np.save(f, array)
-
-
 class EmbeddingCache:
   """text sha256 -> vector for one encoder, as chunk files <dir>/chunk-*.npz.
 
@@ -431,6 +431,7 @@ class Output:
   texts: list[str | None]
   row_ids: list[Any]  # item or user id of each row, for messages
   first_row_zero: bool = False  # items.npy: row 0 is the padding id
+  cutoffs: list[int] | None = None  # rationales: per row, the cutoff (0 = absent row)
 
   def hashes(self) -> list[str | None]:
     return [None if t is None else text_sha256(t) for t in self.texts]
@@ -489,14 +490,17 @@ def plan_outputs(workdir: str, sources: Sequence[str] | None = None,
     records, skipped = read_rationales(path, data.num_users, skip_bad_lines)
     report["skipped_lines"][source] = skipped
     users = list(range(data.num_users))
+    cutoffs = [int(records[u].get("cutoff", len(data.train_prefix(u)))) if u in records
+               else 0 for u in users]
     outputs.append(Output(source, [records[u]["response"] if u in records else None
-                                   for u in users], users))
+                                   for u in users], users, cutoffs=cutoffs))
     for step in STEPS:
       texts = []
       for u in users:
         steps = records[u]["steps"] if u in records else None
         texts.append(None if steps is None else steps.get(step))
-      outputs.append(Output(f"{source}_{step}", texts, users))
+      outputs.append(Output(f"{source}_{step}", texts, users,
+                            cutoffs=[c if t is not None else 0 for c, t in zip(cutoffs, texts)]))
   return outputs, report
 
 
@@ -504,6 +508,8 @@ def _output_files(directory: str, output: Output) -> list[str]:
   files = [os.path.join(directory, f"{output.name}.npy")]
   if not output.first_row_zero:
     files.append(os.path.join(directory, f"{output.name}.present.npy"))
+  if output.cutoffs is not None:
+    files.append(os.path.join(directory, f"{output.name}.cutoff.npy"))
   return files
 
 
@@ -527,7 +533,7 @@ def run_stage(workdir: str, encoder: TextEncoder, sources: Sequence[str] | None 
     files = _output_files(directory, output)
     previous = entries.get(output.name)
     if (same_encoder and previous and previous.get("text_sha256") == hashes
-        and all(os.path.exists(f) for f in files)):
+        and previous.get("cutoffs") == output.cutoffs and all(os.path.exists(f) for f in files)):
       summary["outputs"][output.name] = {**_counts(previous), "encoded": 0, "written": False}
       continue
     rows = [i for i, t in enumerate(output.texts) if t is not None]
@@ -546,12 +552,14 @@ def run_stage(workdir: str, encoder: TextEncoder, sources: Sequence[str] | None 
     if truncated:
       logging.warning("%s: %d of %d texts are longer than %d tokens and were truncated",
                       output.name, truncated, len(rows), encoder.max_length)
-    save_npy_atomic(files[0], matrix)
+    io.save_npy(files[0], matrix)
     if len(files) > 1:
-      save_npy_atomic(files[1], present)
+      io.save_npy(files[1], present)
+    if output.cutoffs is not None:
+      io.save_npy(files[2], np.asarray(output.cutoffs, np.int32))
     entries[output.name] = {"file": os.path.basename(files[0]), "rows": len(output.texts),
                             "present": len(rows), "truncated": truncated, "empty": len(empty),
-                            "text_sha256": hashes}
+                            "text_sha256": hashes, "cutoffs": output.cutoffs}
     summary["outputs"][output.name] = {**_counts(entries[output.name]),
                                        "encoded": stats.texts, "written": True}
     logging.info("%s: %d rows, %d present, %d newly encoded in %.1fs", output.name,

@@ -96,6 +96,13 @@ def write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
+def save_npy(path: str, array) -> None:
+  """A numpy array as .npy, atomically."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  with atomic_open(path, "wb") as f:
+    np.save(f, array)
+
+
 def write_json(path: str, value: Any, *, indent: int | None = 2, default=None,
                sort_keys: bool = False) -> None:
   with atomic_open(path) as f:

@@ -62,10 +62,3 @@ def test_user_analysis_matches_the_training_loop_and_excludes_seen_items():
     assert not set(top[u].tolist()) & set(test.seen[u].tolist())
     assert 0 not in top[u]
 
-  head = np.zeros(data.num_items + 1, bool)
-  head[top[0]] = True  # every item in user 0's top-10 is "head"
-  summary = analysis.summarize(per_user, head, np.asarray([0, 1]))
-  assert summary["head_share@10"] == pytest.approx(head[top].mean())
-  assert summary["head_share@10"] >= 0.1 - 1e-9  # user 0 alone contributes 10 of 500
-  assert summary["cold"]["users"] == 2
-  assert summary["cold"]["ndcg@10"] == pytest.approx(per_user["ndcg@10"][:2].mean())

@@ -32,6 +32,7 @@ from slim_jax.data import dataset as dataset_lib
 from slim_jax.data import movielens
 from slim_jax.data import raw as raw_lib
 from slim_jax.data import sequences
+from slim_jax.data import sparsity
 from slim_jax.data import synthetic
 from slim_jax.pipeline.layout import RunLayout
 
@@ -255,7 +256,7 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
                     seed: int | None = None, num_negatives: int | None = None,
                     release: str | None = None, category: str | None = None,
                     synthetic_config: synthetic.SyntheticConfig | None = None,
-                    max_users: int | None = None,
+                    max_users: int | None = None, train_fraction: float | None = None,
                     force: bool = False) -> dataset_lib.SequenceDataset:
   """Prepares `dataset_name` into `<workdir>/data/`, or loads it if already prepared.
 
@@ -287,6 +288,9 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
     synthetic_config: generator settings for 'synthetic' (default SyntheticConfig()).
     max_users: keep a uniform sample of this many users, drawn with `seed` (default 0:
       every user).
+    train_fraction: the sparsity analysis (slim_jax/data/sparsity.py): keep this fraction
+      of each training prefix (default 1: all of it); the evaluation negatives and the
+      full data's training counts (head items, cold-start users) come from the full data.
     force: recompute even when the folder matches.
   """
   if dataset_name not in DATASETS:
@@ -295,8 +299,11 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
                            ("num_negatives", num_negatives, 1), ("max_users", max_users, 0)):
     if value is not None and value < low:
       raise ValueError(f"--{name}={value} must be >= {low}")
+  if train_fraction is not None and not 0.0 < train_fraction <= 1.0:
+    raise ValueError(f"--train_fraction={train_fraction} must be in (0, 1]")
   requested = {"core": core, "seed": seed, "num_negatives": num_negatives,
-               "release": release, "category": category, "max_users": max_users}
+               "release": release, "category": category, "max_users": max_users,
+               "train_fraction": train_fraction}
   out = prepared_dir(workdir)
   existing = None if force else _read_manifest(out)
   options = {**requested, "skip_bad_lines": skip_bad_lines,
@@ -319,6 +326,7 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
   seed = DEFAULT_SEED if seed is None else seed
   num_negatives = DEFAULT_NUM_NEGATIVES if num_negatives is None else num_negatives
   max_users = max_users or 0
+  train_fraction = 1.0 if train_fraction is None else train_fraction
   os.makedirs(out, exist_ok=True)
   manifest_path = os.path.join(out, MANIFEST_FILE)
   if os.path.exists(manifest_path):
@@ -328,11 +336,19 @@ def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
   negatives = sequences.sample_eval_negatives(dataset, num_negatives, seed)
   summary["negatives"] = {"per_user": num_negatives, "seed": seed,
                           "file": sequences.NEGATIVES_FILE}
+  full_counts = os.path.join(out, sparsity.FULL_COUNTS_FILE)
+  if train_fraction < 1.0:
+    io.save_npy(full_counts, sparsity.training_counts(dataset))
+    dataset = sparsity.thin_training(dataset, train_fraction, seed)
+    summary["train_fraction"] = train_fraction
+  elif os.path.exists(full_counts):
+    os.remove(full_counts)
   dataset_lib.save(dataset, out)
   sequences.save_negatives(out, negatives)
   io.write_json(os.path.join(out, dataset_lib.SUMMARY_FILE), summary)
   wanted["options"].update(core=core, seed=seed, num_negatives=num_negatives,
-                           skip_bad_lines=skip_bad_lines, max_users=max_users)
+                           skip_bad_lines=skip_bad_lines, max_users=max_users,
+                           train_fraction=train_fraction)
   io.write_json(manifest_path, wanted)  # last: marks the folder complete
   return dataset
 

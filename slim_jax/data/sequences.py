@@ -14,7 +14,10 @@ is x_1..x_{n-2}, the validation target x_{n-1} and the test target x_n.
   training transition (x_1..x_t -> x_{t+1}, t < n-2) appears exactly once per epoch: a
   prefix with more than max_len transitions is cut, from the most recent end, into windows
   of up to max_len transitions. Each position carries one sampled negative that is never
-  an item of the user's whole sequence.
+  an item of the user's training prefix (the items the model may see in training; the
+  validation and test items are not excluded, or their absence would leak them), and its
+  `lengths`: how many of the user's items the history up to it holds (the causal rule of
+  docs/causal_rationales.md reads it).
 
 Letters: U users, L max_len, B batch, C candidates, W windows.
 """
@@ -45,13 +48,13 @@ def left_pad(sequences: Sequence[np.ndarray], max_len: int) -> np.ndarray:
 
 
 class _Interacted:
-  """Membership of (user, item) pairs in users' whole sequences, vectorised."""
+  """Membership of (user, item) pairs in users' sequences, vectorised."""
 
-  def __init__(self, dataset: dataset_lib.SequenceDataset):
-    self.stride = dataset.num_items + 1
-    keys = [u * self.stride + np.asarray(s, np.int64) for u, s in enumerate(dataset.sequences)]
+  def __init__(self, num_items: int, sequences: Sequence[np.ndarray]):
+    self.stride = num_items + 1
+    keys = [u * self.stride + np.asarray(s, np.int64) for u, s in enumerate(sequences)]
     self.keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-    self.counts = np.asarray([len(np.unique(s)) for s in dataset.sequences], np.int64)
+    self.counts = np.asarray([len(np.unique(s)) for s in sequences], np.int64)
 
   def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Bool array, broadcast over users [...] and items [...]."""
@@ -98,7 +101,7 @@ def sample_eval_negatives(dataset: dataset_lib.SequenceDataset, num_negatives: i
                           seed: int = 0) -> dict[str, np.ndarray]:
   """{'valid': [U, n], 'test': [U, n]} int32 negatives the user never interacted with."""
   rng = np.random.default_rng(seed)
-  interacted = _Interacted(dataset)
+  interacted = _Interacted(dataset.num_items, dataset.sequences)
   return {split: _sample_rows(interacted, dataset.num_items, num_negatives, rng)
           for split in SPLITS}
 
@@ -130,6 +133,7 @@ class EvalSet:
   inputs: np.ndarray  # [U, L] int32, history before the target, left-padded
   candidates: np.ndarray  # [U, 1 + n] int32, column 0 the held-out item
   seen: list[np.ndarray]  # per user: items of the whole input history (not cut to L)
+  lengths: np.ndarray  # [U, L] int32, how many user items the history up to each input holds
 
   @property
   def targets(self) -> np.ndarray:
@@ -137,6 +141,13 @@ class EvalSet:
 
   def __len__(self) -> int:
     return len(self.users)
+
+  def rows(self, index: np.ndarray) -> "EvalSet":
+    """The subset of rows `index`."""
+    index = np.asarray(index, np.int64)
+    return EvalSet(users=self.users[index], inputs=self.inputs[index],
+                   candidates=self.candidates[index], seen=[self.seen[i] for i in index],
+                   lengths=self.lengths[index])
 
   def exclude_mask(self, num_items: int, start: int = 0, stop: int | None = None
                    ) -> np.ndarray:
@@ -164,7 +175,8 @@ def eval_set(dataset: dataset_lib.SequenceDataset, split: str,
   return EvalSet(users=np.arange(dataset.num_users, dtype=np.int32),
                  inputs=left_pad(histories, max_len),
                  candidates=np.concatenate([targets[:, None], negs], axis=1),
-                 seen=[np.unique(h).astype(np.int32) for h in histories])
+                 seen=[np.unique(h).astype(np.int32) for h in histories],
+                 lengths=left_pad([np.arange(1, len(h) + 1) for h in histories], max_len))
 
 
 class TrainBatcher:
@@ -174,11 +186,12 @@ class TrainBatcher:
                seed: int = 0):
     self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
     self.num_items = dataset.num_items
-    self._interacted = _Interacted(dataset)
+    prefixes = [dataset.train_prefix(u) for u in range(dataset.num_users)]
+    self._interacted = _Interacted(dataset.num_items, prefixes)
     full = np.flatnonzero(self._interacted.counts >= self.num_items)
     if len(full):
-      raise ValueError(f"user {full[0]} interacted with every item: no negative to sample")
-    prefixes = [dataset.train_prefix(u) for u in range(dataset.num_users)]
+      raise ValueError(f"user {full[0]}'s training prefix holds every item: no negative to "
+                       "sample")
     lengths = np.asarray([len(p) for p in prefixes], np.int64)
     self._flat = (np.concatenate(prefixes).astype(np.int32) if prefixes
                   else np.zeros(0, np.int32))
@@ -190,6 +203,7 @@ class TrainBatcher:
     end = transitions[users] - k * max_len  # exclusive end of the window's input positions
     begin = np.maximum(end - max_len, 0)
     self._users = users.astype(np.int32)
+    self._offsets = offsets.astype(np.int64)  # [U] into _flat
     self._begin = (offsets[users] + begin).astype(np.int64)  # into _flat
     self._length = (end - begin).astype(np.int64)
     self.num_windows = len(users)
@@ -201,7 +215,7 @@ class TrainBatcher:
 
   def _negatives(self, users: np.ndarray, mask: np.ndarray,
                  rng: np.random.Generator) -> np.ndarray:
-    """[B, L] one item per valid position, never in that user's sequence; 0 elsewhere."""
+    """[B, L] one item per valid position, never in that user's training prefix; 0 elsewhere."""
     negs = rng.integers(1, self.num_items + 1, size=mask.shape).astype(np.int32)
     bad = mask & self._interacted.contains(users[:, None], negs)
     while bad.any():
@@ -211,7 +225,7 @@ class TrainBatcher:
     return np.where(mask, negs, 0)
 
   def epoch(self, index: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of epoch `index`: inputs, targets, negatives [B, L] and users [B]."""
+    """Batches of epoch `index`: inputs, targets, negatives, lengths [B, L], users [B]."""
     rng = np.random.default_rng([self.seed, index])
     order = rng.permutation(self.num_windows)
     b, length = self.batch_size, self.max_len
@@ -230,5 +244,7 @@ class TrainBatcher:
                          0).astype(np.int32)
       users = np.zeros(b, np.int32)
       users[:n] = self._users[windows]
+      lengths = np.where(mask, position + 1 - self._offsets[users][:, None], 0).astype(np.int32)
       yield {"inputs": inputs, "targets": targets,
-             "negatives": self._negatives(users, mask, rng), "users": users}
+             "negatives": self._negatives(users, mask, rng), "lengths": lengths,
+             "users": users}

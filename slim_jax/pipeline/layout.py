@@ -2,7 +2,6 @@
 
   layout = RunLayout("/runs/ml-100k")
   layout.teacher_rationales   # /runs/ml-100k/rationales/teacher.jsonl
-  layout.recommend(0.5)       # /runs/ml-100k/recommend_train0.5 (the sparsity analysis)
 
 A leaf module (it imports nothing of the project), so every stage can use it.
 """
@@ -11,11 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-
-
-def fraction_suffix(train_fraction: float) -> str:
-  """'' for the full training data, '_train0.5' for the sparsity analysis at half."""
-  return "" if train_fraction == 1.0 else f"_train{train_fraction:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +34,15 @@ class RunLayout:
     return self._at("rationales")
 
   def rationale_file(self, source: str) -> str:
-    """rationales/<source>.jsonl for source 'teacher' or 'student'."""
+    """rationales/<source>.jsonl: 'teacher', 'student' (evaluation rationales) and
+    'teacher_train', 'student_train' (training rationales, teacher/prompts.py)."""
     return self._at("rationales", f"{source}.jsonl")
+
+  def rationale_manifest(self, source: str) -> str:
+    return self._at("rationales", f"{source}_manifest.json")
+
+  def rationale_summary(self, source: str) -> str:
+    return self._at("rationales", f"{source}_summary.json")
 
   @property
   def teacher_rationales(self) -> str:
@@ -49,11 +50,11 @@ class RunLayout:
 
   @property
   def teacher_manifest(self) -> str:
-    return self._at("rationales", "teacher_manifest.json")
+    return self.rationale_manifest("teacher")
 
   @property
   def teacher_summary(self) -> str:
-    return self._at("rationales", "teacher_summary.json")
+    return self.rationale_summary("teacher")
 
   @property
   def teacher_lock(self) -> str:
@@ -82,16 +83,26 @@ class RunLayout:
     """embeddings/<name>.npy: 'items', 'teacher', 'student', 'student_step1', ..."""
     return self._at("embeddings", f"{name}.npy")
 
+  def present_mask(self, name: str) -> str:
+    """embeddings/<name>.present.npy [U] bool: which users have that rationale."""
+    return self._at("embeddings", f"{name}.present.npy")
+
+  def cutoffs(self, name: str) -> str:
+    """embeddings/<name>.cutoff.npy [U] int32: the training items each rationale saw."""
+    return self._at("embeddings", f"{name}.cutoff.npy")
+
   @property
   def embeddings_manifest(self) -> str:
     return self._at("embeddings", "manifest.json")
 
   # recommend, report
-  def recommend(self, train_fraction: float = 1.0) -> str:
-    return self._at("recommend" + fraction_suffix(train_fraction))
+  @property
+  def recommend(self) -> str:
+    return self._at("recommend")
 
-  def report(self, train_fraction: float = 1.0) -> str:
-    return self._at("report" + fraction_suffix(train_fraction))
+  @property
+  def report(self) -> str:
+    return self._at("report")
 
   # the runner and caches
   @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from slim_jax.recommenders import slim
+from slim_jax.teacher import prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,16 +30,21 @@ class Preset:
   batch_size: int
   max_len: int
   expected: dict  # stage -> expected seconds, for the time-left estimate
+  learning_rate: float = 1e-3
+  holdout: int = prompts.DEFAULT_RATIONALE_HOLDOUT  # training items after a training
+  # rationale's cutoff (docs/causal_rationales.md)
+  reading: tuple[str, ...] = ()  # what the preset's report can and cannot show
 
 
-ALL_VARIANTS = tuple(slim.VARIANTS)  # report order: backbone, backbone+, slim-, slim, agnostic...
+ALL_VARIANTS = tuple(slim.VARIANTS)  # report order: backbone, backbone+, slim-, slim, ...
 PRESETS = {
     "smoke": Preset(
         dataset="synthetic", synthetic={"num_users": 32, "num_items": 40, "num_clusters": 4,
                                         "min_length": 6, "max_length": 10}, max_users=0,
         teacher_users=16, max_history=10, teacher_tokens=24, distill_steps=2,
         distill_max_length=448, student_tokens=24, backbones=("sasrec",),
-        variants=ALL_VARIANTS[:6], seeds=(0,), epochs=2, patience=2, hidden_size=16,
+        variants=("backbone", "backbone+", "slim-", "slim", "slim-shuffled", "agnostic",
+                  "agnostic-history"), seeds=(0,), epochs=2, patience=2, hidden_size=16,
         batch_size=16, max_len=10,
         expected={"prepare": 5, "teacher": 90, "distill": 60, "generate": 90, "encode": 40,
                   "recommend": 120, "report": 5}),

@@ -30,7 +30,8 @@ from slim_jax.teacher import prompts
 
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
-  """The student writes every user's rationale (SLIM step 3)."""
+  """The student writes every user's rationales (SLIM step 3), one per kind of
+  teacher/prompts.py."""
   student: str  # Hugging Face LLaMA folder or .gguf
   adapter: str | None  # PEFT LoRA folder; None: the base student
   max_new_tokens: int = 256
@@ -39,6 +40,8 @@ class GenerateConfig:
   max_history: int = prompts.DEFAULT_MAX_HISTORY
   num_users: int = 0  # only the first N users (0: every user)
   temperature: float = 0.0  # 0 = greedy
+  kinds: tuple[str, ...] = prompts.KINDS
+  holdout: int = prompts.DEFAULT_RATIONALE_HOLDOUT  # training items after a 'train' cutoff
 
   def fingerprint(self) -> str:
     """What a rationale depends on besides its prompt: the student (file identity), the
@@ -52,12 +55,14 @@ class GenerateConfig:
 
 
 def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None = None) -> int:
-  """Appends one record per user to rationales/student.jsonl, each carrying `fingerprint`
-  (default: `config.fingerprint()`); returns how many users were written.
+  """Appends one record per user and kind of teacher/prompts.py (KINDS) to
+  rationales/student.jsonl ('eval') and student_train.jsonl ('train'), each carrying its
+  cutoff and `fingerprint` (default: `config.fingerprint()`); returns how many records were
+  written.
 
-  Resumable: users already in the file under the same fingerprint and prompt are kept;
-  records of another fingerprint or prompt are dropped and written again; a torn last
-  line is cut; duplicates are dropped."""
+  Resumable: records already there under the same fingerprint and prompt are kept; records
+  of another fingerprint or prompt are dropped and written again; a torn last line is cut;
+  duplicates are dropped."""
   from slim_jax import generator_loading  # pylint: disable=import-outside-toplevel
   from slim_jax.data import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
   from slim_jax.generate import SamplingParams, balanced_batch_size  # pylint: disable=import-outside-toplevel
@@ -71,45 +76,55 @@ def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None 
                             "(generate_rationales.py --adapter=none)")
   fingerprint = fingerprint or config.fingerprint()
   data = dataset_lib.load(layout.data)
-  out = layout.student_rationales
   users = range(data.num_users if config.num_users <= 0
                 else min(config.num_users, data.num_users))
-  messages_of = {u: prompts.build_messages(data, u, max_history=config.max_history)
-                 for u in users}
-  done = set()
-  if os.path.exists(out):
-    stale = rationales.dedupe(out, keep=lambda r: r.get("fingerprint") == fingerprint and (
-        r["user_id"] not in messages_of or r["messages"] == messages_of[r["user_id"]]))
-    if stale:
-      logging.warning("%s: dropped %d rationales made from another student, adapter, flag "
-                      "or prompt; writing them again", out, stale)
-    done = rationales.done_users(out)
-  todo = [u for u in users if u not in done]
-  logging.info("student rationales: %d users, %d already in %s", len(users), len(done), out)
-  if not todo:
+  jobs = []  # (kind, user, cutoff, messages) not yet on disk
+  for kind in config.kinds:
+    out = layout.rationale_file(prompts.source_name("student", kind))
+    cut = {u: prompts.cutoff(data, u, kind, config.holdout) for u in users}
+    messages_of = {u: prompts.build_messages(data, u, max_history=config.max_history,
+                                             cutoff=cut[u]) for u in users}
+    done = set()
+    if os.path.exists(out):
+      stale = rationales.dedupe(out, keep=lambda r, m=messages_of: r.get(
+          "fingerprint") == fingerprint and (r["user_id"] not in m or
+                                             r["messages"] == m[r["user_id"]]))
+      if stale:
+        logging.warning("%s: dropped %d rationales made from another student, adapter, "
+                        "flag or prompt; writing them again", out, stale)
+      done = rationales.done_users(out)
+    jobs += [(kind, u, cut[u], messages_of[u]) for u in users if u not in done]
+    logging.info("student %s rationales: %d users, %d already in %s", kind, len(users),
+                 len(done), out)
+  if not jobs:
     return 0
-  batch_size = balanced_batch_size(len(todo), config.batch_size)
+  batch_size = balanced_batch_size(len(jobs), config.batch_size)
   generator, name = generator_loading.load_generator(
       config.student, config.adapter, batch_size, config.max_seq_len, "float32",
       pad_batches=True)
   sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature)
   start = time.perf_counter()
-  with rationales.Appender(out) as sink:
-    for i in range(0, len(todo), batch_size):
-      batch = todo[i:i + batch_size]
-      messages = [messages_of[u] for u in batch]
-      for u, m, c in zip(batch, messages, generator.chat(messages, sampling)):
-        sink.append({**rationales.make_record(
+  sinks = {kind: rationales.Appender(layout.rationale_file(prompts.source_name("student", kind)))
+           for kind in config.kinds}
+  try:
+    for i in range(0, len(jobs), batch_size):
+      batch = jobs[i:i + batch_size]
+      completions = generator.chat([m for _, _, _, m in batch], sampling)
+      for (kind, u, cut, m), c in zip(batch, completions):
+        sinks[kind].append({**rationales.make_record(
             user_id=u, messages=m, response=c.text,
             model=name + ("+lora" if config.adapter else ""),
             prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-            finish_reason=c.finish_reason), "fingerprint": fingerprint})
+            finish_reason=c.finish_reason, cutoff=cut), "fingerprint": fingerprint})
       done_n = i + len(batch)
       rate = done_n / (time.perf_counter() - start)
-      logging.info("student rationales %d/%d (%.2f users/s, about %.0f s left)", done_n,
-                   len(todo), rate, (len(todo) - done_n) / rate)
-  return len(todo)
+      logging.info("student rationales %d/%d (%.2f rationales/s, about %.0f s left)", done_n,
+                   len(jobs), rate, (len(jobs) - done_n) / rate)
+  finally:
+    for sink in sinks.values():
+      sink.close()
+  return len(jobs)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -145,7 +160,9 @@ def encode(layout: RunLayout, config: EncodeConfig) -> dict:
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
   """Chain-of-thought rationales r'_u for a seeded subset U' of users (SLIM step 1), from
-  any OpenAI-compatible endpoint (`client`)."""
+  any OpenAI-compatible endpoint (`client`): for each user one rationale per kind of
+  teacher/prompts.py (KINDS: 'eval' from the whole training prefix into teacher.jsonl,
+  'train' from the prefix up to its cutoff into teacher_train.jsonl)."""
   client: Any  # slim_jax.teacher.client.ClientConfig
   dataset: str = "ml-100k"
   data_dir: str | None = None
@@ -154,6 +171,8 @@ class TeacherConfig:
   max_history: int = prompts.DEFAULT_MAX_HISTORY
   template: str | None = None  # prompt template file; None: the built-in three-step prompt
   price: tuple[float, float] = (0.0, 0.0)  # USD per million input, output tokens
+  kinds: tuple[str, ...] = prompts.KINDS
+  holdout: int = prompts.DEFAULT_RATIONALE_HOLDOUT  # training items after a 'train' cutoff
 
 
 class TeacherLocked(RuntimeError):
@@ -165,10 +184,17 @@ def teacher_template(config: TeacherConfig) -> prompts.PromptTemplate:
           else prompts.PromptTemplate())
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherRequest:
+  user: int
+  messages: list
+  cutoff: int  # training-prefix items the prompt was written from
+
+
 def teacher_requests(layout: RunLayout, config: TeacherConfig,
                      template: prompts.PromptTemplate | None = None
-                     ) -> list[tuple[int, list[dict]]]:
-  """(user, messages) for every user of U', in user order."""
+                     ) -> dict[str, list[TeacherRequest]]:
+  """kind -> the requests for every user of U', in user order."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
   if config.num_users < 0:
@@ -180,8 +206,15 @@ def teacher_requests(layout: RunLayout, config: TeacherConfig,
     rng = np.random.default_rng(config.seed)
     users = sorted(int(u) for u in rng.choice(dataset.num_users, size=config.num_users,
                                                replace=False))
-  return [(u, prompts.build_messages(dataset, u, template=template,
-                                     max_history=config.max_history)) for u in users]
+  out = {}
+  for kind in config.kinds:
+    requests = []
+    for u in users:
+      c = prompts.cutoff(dataset, u, kind, config.holdout)
+      requests.append(TeacherRequest(u, prompts.build_messages(
+          dataset, u, template=template, max_history=config.max_history, cutoff=c), c))
+    out[kind] = requests
+  return out
 
 
 def _teacher_settings(config: TeacherConfig, template: prompts.PromptTemplate) -> dict:
@@ -195,10 +228,11 @@ def _teacher_settings(config: TeacherConfig, template: prompts.PromptTemplate) -
               (template.system + "\0" + template.user).encode("utf-8")).hexdigest()}
 
 
-def _check_teacher_resume(layout: RunLayout, current: dict, requests) -> None:
+def _check_teacher_resume(layout: RunLayout, source: str, current: dict,
+                          requests: list[TeacherRequest]) -> None:
   """Refuses to mix lines made under another model, sampling, template or data."""
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
-  out, path = layout.teacher_rationales, layout.teacher_manifest
+  out, path = layout.rationale_file(source), layout.rationale_manifest(source)
   existing = rationales.by_user(rationales.read(out))
   if existing and os.path.exists(path):
     previous = io.read_json(path, "teacher manifest")
@@ -208,57 +242,66 @@ def _check_teacher_resume(layout: RunLayout, current: dict, requests) -> None:
           f"{out} holds {len(existing)} rationales made with different settings "
           f"({', '.join(changed)} changed; see {path}). Use a new --workdir, restore the "
           "settings, or delete both files to start over.")
-  for user_id, messages in requests:
-    record = existing.get(user_id)
-    if record is not None and record["messages"] != messages:
+  for request in requests:
+    record = existing.get(request.user)
+    if record is not None and record["messages"] != request.messages:
       raise ValueError(
-          f"{out}: the line for user {user_id} was made from a different prompt (the data, "
-          "--template or --max_history changed). Use a new --workdir or delete the file.")
+          f"{out}: the line for user {request.user} was made from a different prompt (the "
+          "data, --template, --max_history or --holdout changed). Use a new "
+          "--workdir or delete the file.")
   io.write_json(path, current)
 
 
 def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None):
-  """Asks the endpoint for every user of U' not yet in rationales/teacher.jsonl; writes
-  teacher_summary.json; returns the client's Stats. Raises TeacherLocked, ValueError
+  """Asks the endpoint for every user of U' and kind not yet in rationales/teacher.jsonl
+  (teacher_train.jsonl for the training kind); writes <file>_summary.json per kind;
+  returns the client's Stats summed over kinds. Raises TeacherLocked, ValueError
   (settings differ from the lines already written) or client.FatalError (the endpoint
   refuses: a bad key, an unknown model)."""
   template = teacher_template(config)
   requests = teacher_requests(layout, config, template)
   try:
     with io.exclusive_lock(layout.teacher_lock):
-      return _ask_teacher(layout, config, template, requests, api_key)
+      total = None
+      for kind, kind_requests in requests.items():
+        stats = _ask_teacher(layout, config, template, kind, kind_requests, api_key)
+        total = stats if total is None else total.merged(stats)
+      return total
   except io.Locked as e:  # only the lock raises it
     raise TeacherLocked(f"another teacher run holds {layout.teacher_lock} (pid {e.holder}); "
                         "wait for it to finish or stop it first") from None
 
 
-def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, requests,
-                 api_key: str | None):
-  """The body of `teacher`, under its lock."""
+def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, kind: str,
+                 requests: list[TeacherRequest], api_key: str | None):
+  """The body of `teacher` for one kind, under its lock."""
   from slim_jax.teacher import client, rationales  # pylint: disable=import-outside-toplevel
-  out = layout.teacher_rationales
+  source = prompts.source_name("teacher", kind)
+  out = layout.rationale_file(source)
   removed = rationales.dedupe(out) if os.path.exists(out) else 0
   if removed:
     logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
                     out, removed)
-  _check_teacher_resume(layout, _teacher_settings(config, template), requests)
-  logging.info("asking %s for %d users (%d requested, seed %d)",
-               config.client.base_url or "OpenAI", len(requests), config.num_users,
+  _check_teacher_resume(layout, source, _teacher_settings(config, template), requests)
+  logging.info("asking %s for %d %s rationales (%d users requested, seed %d)",
+               config.client.base_url or "OpenAI", len(requests), kind, config.num_users,
                config.seed)
   total = len(requests)
 
   def progress(stats) -> None:
     done = stats.users_done + stats.users_skipped
     if stats.users_done % 10 == 0 or done == total:
-      logging.info("%d/%d users done (%d requests, %d retries)", done, total,
+      logging.info("%s: %d/%d users done (%d requests, %d retries)", kind, done, total,
                    stats.requests, stats.retries)
 
-  stats = client.collect(requests, out, config.client, api_key, progress=progress)
+  stats = client.collect([(r.user, r.messages) for r in requests], out, config.client,
+                         api_key, progress=progress,
+                         fields={r.user: {"cutoff": r.cutoff} for r in requests})
   summary = stats.as_dict()
   summary["estimated_cost_usd"] = stats.cost(*config.price)
   summary["price_per_million_tokens"] = {"input": config.price[0], "output": config.price[1]}
   summary["output"] = out
-  io.write_json(layout.teacher_summary, summary)
+  io.write_json(layout.rationale_summary(source), summary)
   return stats
 
 

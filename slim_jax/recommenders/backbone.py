@@ -10,6 +10,9 @@ can change either before scoring (the SLIM fusion, slim_jax/recommenders/slim.py
                                                      position t represents the prefix ending at t
   backbone.encode_last(inputs, deterministic=...) -> s_seq [B, D]     the whole (left-padded) sequence
 
+Both take `table=` [V+1, D], the vectors the items are read as (default: item_embeddings();
+backbone+ and SLIM pass the fused table z_i, so the item text enters the encoder too).
+
 Inputs are left-padded item ids [B, L] (0 = padding, the last column is the newest item).
 The score of item i for a sequence is the dot product <s_u, z_i> (`score_candidates`,
 `score_all`).
@@ -34,15 +37,16 @@ class Representations(NamedTuple):
 class Recommender(nn.Module):
   """A backbone alone, scored by <s_u, z_id_i>. The parameters live under 'backbone'.
 
-  `users` [B] is accepted (and ignored) so that every recommender, including the
-  text-fused ones that look up a per-user rationale vector, has one call signature.
+  `users` [B] and `lengths` [B, L] are accepted (and ignored) so that every recommender,
+  including the text-fused ones that look up a per-user rationale, has one call signature.
   """
 
   backbone: nn.Module
 
-  def __call__(self, inputs: jnp.ndarray, users: jnp.ndarray | None = None, *,
-               deterministic: bool = True, all_positions: bool = False) -> Representations:
-    del users
+  def __call__(self, inputs: jnp.ndarray, users: jnp.ndarray | None = None,
+               lengths: jnp.ndarray | None = None, *, deterministic: bool = True,
+               all_positions: bool = False) -> Representations:
+    del users, lengths
     if all_positions:
       sequence = self.backbone.encode(inputs, deterministic=deterministic)  # [B, L, D]
     else:
@@ -64,6 +68,12 @@ def score_all(sequence: jnp.ndarray, items: jnp.ndarray) -> jnp.ndarray:
 def padding_mask(inputs: jnp.ndarray) -> jnp.ndarray:
   """[B, L] item ids -> [B, L] bool, True at real items."""
   return inputs > 0
+
+
+def input_vectors(table: jnp.ndarray, inputs: jnp.ndarray) -> jnp.ndarray:
+  """table [V+1, D], inputs [B, L] -> [B, L, D]: the vectors a backbone reads its items as
+  (its own item embeddings, or a fused table such as SLIM's z_i)."""
+  return jnp.take(table, inputs, axis=0)
 
 
 def masked_item_table(embedding: jnp.ndarray) -> jnp.ndarray:

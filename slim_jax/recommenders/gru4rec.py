@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from slim_jax.models.layers import Linear
-from slim_jax.recommenders.backbone import masked_item_table, padding_mask
+from slim_jax.recommenders.backbone import input_vectors, masked_item_table, padding_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +96,19 @@ class GRU4Rec(nn.Module):
   def item_embeddings(self) -> jnp.ndarray:
     return masked_item_table(self.item_embedding.embedding)  # [V+1, D]
 
-  def _hidden_states(self, inputs: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+  def _hidden_states(self, inputs: jnp.ndarray, deterministic: bool,
+                     table: jnp.ndarray | None) -> jnp.ndarray:
     mask = padding_mask(inputs)  # [B, L]
-    x = jnp.take(self.item_embeddings(), inputs, axis=0)  # [B, L, D]
+    x = input_vectors(self.item_embeddings() if table is None else table, inputs)  # [B, L, D]
     x = self.emb_dropout(x, deterministic=deterministic)
     for layer in self.gru:
       x = layer(x, mask)  # [B, L, H]
     return nn.with_logical_constraint(x, ("batch", "length", "mlp"))
 
-  def encode(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
-    return self.dense(self._hidden_states(inputs, deterministic))  # [B, L, D]
+  def encode(self, inputs: jnp.ndarray, deterministic: bool = True,
+             table: jnp.ndarray | None = None) -> jnp.ndarray:
+    return self.dense(self._hidden_states(inputs, deterministic, table))  # [B, L, D]
 
-  def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
-    return self.dense(self._hidden_states(inputs, deterministic)[:, -1])  # [B, D]
+  def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True,
+                  table: jnp.ndarray | None = None) -> jnp.ndarray:
+    return self.dense(self._hidden_states(inputs, deterministic, table)[:, -1])  # [B, D]

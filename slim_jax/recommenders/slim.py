@@ -1,33 +1,40 @@
 """SLIM's rationale-enhanced recommenders (DESIGN.md step 4) and their baselines.
 
 Every model here has the `Recommender` call of slim_jax/recommenders/backbone.py
-(`model.apply({'params': p}, inputs [B, L], users [B], deterministic=, all_positions=)`
--> Representations(sequence, items)), so slim_jax/train/loop.py trains and evaluates them
-unchanged. Text vectors (slim_jax/encode.py's items.npy [V+1, Dt] and <source>.npy [U, Dt])
-are frozen inputs: they are constants of the module, never parameters.
+(`model.apply({'params': p}, inputs [B, L], users [B], lengths [B, L], deterministic=,
+all_positions=)` -> Representations(sequence, items)), so slim_jax/train/loop.py trains and
+evaluates them unchanged. Text vectors (slim_jax/encode.py's items.npy [V+1, Dt] and the
+rationale vectors) are frozen inputs: constants of the module, never parameters.
 
-- `SlimIDBased` (SLIM on a backbone):
-    z_i = g_f([g_l(z_text_i); z_id_i]),  s_u = g_f([g_l(s_text_u); s_seq_u]),  score <s_u, z_i>
-  where z_id / s_seq are the backbone's item table and sequence vectors and g_l, g_f are
-  linear layers shared by the item and user side (both text vectors live in one encoder
-  space). With `user_text=None` it is the backbone+ baseline: no rationale; the user's text
-  vector is then the running mean of the history's item text vectors (so the item text
-  concatenated to the ID embedding is the only text the model sees).
-- `SlimIDAgnostic` (no ID embeddings): z_i = g_t(g_p(z_text_i)) and
-  s_u = g_t([g_p(s_text_u); g_p(z_text_x1); ...; g_p(z_text_xt)])[t], where g_p is a linear
-  projection and g_t transformer blocks (SASRec's block, shared by both sides; an item is a
-  one-token sequence). Causal attention over the history with the rationale token visible
-  from every position. Items are represented from their text alone, so the model scores
-  items that never occurred in training.
+Rationales are causal (docs/causal_rationales.md, rationale_table.py): a position reads the
+latest rationale written from items its history already holds, else a learned null vector;
+`lengths` [B, L] says how many of the user's items each position's history holds.
+
+- `SlimIDBased` (on a backbone):
+    z_i = g_f([g_l(z_text_i); z_id_i])       the fused item table, read by the backbone as
+                                             its input embeddings AND scored at the output
+    s_u = g_f([g_l(r_u,t); s_seq_u,t])       SLIM: the backbone's sequence vector at t fused
+                                             with the rationale position t may read
+  g_l, g_f are linear layers shared by the item and user side (both texts live in one
+  encoder space). With `rationales=None` it is backbone+ (the item feature extension: the
+  fused table, no user text), so SLIM minus backbone+ measures the rationale alone.
+- `SlimIDAgnostic` (no ID embeddings): z_i = g_t(g_p(z_text_i)) and s_u,t the output at t of
+  g_t over [null; g_p(r_1..r_K); g_p(z_text_x1..x_t)], where g_p is a linear projection and
+  g_t transformer blocks (SASRec's block, shared by both sides; an item is a one-token
+  sequence). The history item texts are inputs too; rationale token k is hidden from the
+  positions before its cutoff, the null token is visible from every position. With
+  `rationales=None` (agnostic-history) it reads the history texts alone.
 
 Variants (`VARIANTS`, built by `make_model`): 'backbone', 'backbone+', 'slim-' (teacher
-rationales), 'slim' (student rationales), 'agnostic' (student rationales, ID-agnostic) and
-'agnostic-step1/2/3' (ID-agnostic on one step's vectors of the student rationale).
+rationales), 'slim' (student), 'slim-shuffled' (student rationales shuffled between users,
+a control), 'agnostic' (student, ID-agnostic), 'agnostic-history' (ID-agnostic without a
+rationale, a control) and 'agnostic-step1/2/3' (one step's text of the student rationale).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +42,10 @@ from flax import linen as nn
 
 from slim_jax.models.layers import Linear
 from slim_jax.recommenders import backbone as backbone_lib
+from slim_jax.recommenders import rationale_table
 from slim_jax.recommenders import registry
 from slim_jax.recommenders.backbone import Representations, masked_item_table, padding_mask
+from slim_jax.recommenders.rationale_table import RationaleTable
 from slim_jax.recommenders.sasrec import SASRecBlock, SASRecConfig
 
 _NORMAL = nn.initializers.normal(stddev=0.02)
@@ -62,47 +71,38 @@ class Frozen:
     return f"Frozen(shape={self.array.shape})"
 
 
-def _user_vectors(table: Frozen, users: jnp.ndarray | None, batch: int) -> jnp.ndarray:
-  if users is None:
-    raise ValueError("this model reads a rationale vector per user: pass `users` [B]")
-  return jnp.take(jnp.asarray(table.array), users, axis=0)  # [B, Dt]
-
-
-def _history_mean(item_text: jnp.ndarray, inputs: jnp.ndarray) -> jnp.ndarray:
-  """[B, L] ids -> [B, L, Dt]: the mean text vector of the real items up to each position."""
-  vectors = jnp.take(item_text, inputs, axis=0)  # [B, L, Dt]; row 0 is zeros
-  count = jnp.cumsum(padding_mask(inputs), axis=1)[..., None]  # [B, L, 1]
-  return jnp.cumsum(vectors, axis=1) / jnp.maximum(count, 1).astype(vectors.dtype)
+def _null_vector(module: nn.Module, size: int) -> jnp.ndarray:
+  """The learned vector read where no rationale is visible (or the user has none)."""
+  return module.param("null_rationale", nn.with_logical_partitioning(_NORMAL, (None,)), (size,))
 
 
 class SlimIDBased(nn.Module):
-  """SLIM on an ID backbone (or backbone+ when `user_text` is None)."""
+  """SLIM on an ID backbone (backbone+ when `rationales` is None)."""
 
   backbone: nn.Module
   item_text: Frozen  # [V+1, Dt], row 0 zeros
-  user_text: Frozen | None = None  # [U, Dt] rationale vectors; None = backbone+
+  rationales: RationaleTable | None = None  # None = backbone+
 
   @nn.compact
-  def __call__(self, inputs: jnp.ndarray, users: jnp.ndarray | None = None, *,
-               deterministic: bool = True, all_positions: bool = False) -> Representations:
+  def __call__(self, inputs: jnp.ndarray, users: jnp.ndarray | None = None,
+               lengths: jnp.ndarray | None = None, *, deterministic: bool = True,
+               all_positions: bool = False) -> Representations:
     z_id = self.backbone.item_embeddings()  # [V+1, D]
     d = z_id.shape[-1]
     g_l = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_NORMAL, name="g_l")
     g_f = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_NORMAL, name="g_f")
     item_text = jnp.asarray(self.item_text.array)  # [V+1, Dt]
     items = masked_item_table(g_f(jnp.concatenate([g_l(item_text), z_id], -1)))  # [V+1, D]
-
+    encode = self.backbone.encode if all_positions else self.backbone.encode_last
+    seq = encode(inputs, deterministic=deterministic, table=items)  # [B, L, D] or [B, D]
+    if self.rationales is None:
+      return Representations(sequence=seq, items=items)
+    lengths = rationale_table.prefix_lengths(inputs, lengths)  # [B, L]
+    null = _null_vector(self, item_text.shape[-1])  # [Dt]
     if all_positions:
-      seq = self.backbone.encode(inputs, deterministic=deterministic)  # [B, L, D]
+      text = rationale_table.read(self.rationales, users, lengths, null)  # [B, L, Dt]
     else:
-      seq = self.backbone.encode_last(inputs, deterministic=deterministic)  # [B, D]
-    if self.user_text is None:
-      text = _history_mean(item_text, inputs)  # [B, L, Dt]
-      text = text if all_positions else text[:, -1]
-    else:
-      text = _user_vectors(self.user_text, users, inputs.shape[0])  # [B, Dt]
-      if all_positions:
-        text = jnp.broadcast_to(text[:, None], seq.shape[:2] + text.shape[-1:])
+      text = rationale_table.read(self.rationales, users, lengths[:, -1:], null)[:, 0]
     sequence = g_f(jnp.concatenate([g_l(text), seq], -1))
     return Representations(sequence=sequence, items=items)
 
@@ -126,7 +126,7 @@ class SlimIDAgnostic(nn.Module):
 
   config: IDAgnosticConfig
   item_text: Frozen  # [V+1, Dt]
-  user_text: Frozen  # [U, Dt]
+  rationales: RationaleTable | None = None  # None = agnostic-history (no rationale)
 
   def setup(self):
     cfg = self.config
@@ -135,7 +135,7 @@ class SlimIDAgnostic(nn.Module):
                        f"num_heads {cfg.num_heads}")
     self.g_p = Linear(cfg.hidden_size, ("mlp", "embed"), use_bias=True, kernel_init=_NORMAL,
                       name="g_p")
-    self.kind = nn.Embed(2, cfg.hidden_size, name="kind",  # 0 rationale token, 1 item token
+    self.kind = nn.Embed(3, cfg.hidden_size, name="kind",  # 0 rationale, 1 item, 2 null token
                          embedding_init=nn.with_logical_partitioning(_NORMAL, (None, "embed")))
     self.position = nn.Embed(cfg.max_len + 1, cfg.hidden_size, name="position",
                              embedding_init=nn.with_logical_partitioning(
@@ -151,90 +151,128 @@ class SlimIDAgnostic(nn.Module):
       x = block(x, bias, deterministic)
     return x
 
+  def _kind(self, k: int) -> jnp.ndarray:
+    return self.kind(jnp.full((), k, jnp.int32))  # [D]
+
   def item_table(self, deterministic: bool = True) -> jnp.ndarray:
     """[V+1, D] item vectors from text only (any row, seen in training or not)."""
     text = jnp.asarray(self.item_text.array)  # [V+1, Dt]
-    x = (self.g_p(text) + self.kind(jnp.ones((), jnp.int32)))[:, None]  # [V+1, 1, D]
+    x = (self.g_p(text) + self._kind(1))[:, None]  # [V+1, 1, D]
     bias = jnp.zeros((1, 1, 1, 1), x.dtype)
     return masked_item_table(self._run(x, bias, deterministic)[:, 0])
 
-  def __call__(self, inputs: jnp.ndarray, users: jnp.ndarray | None = None, *,
-               deterministic: bool = True, all_positions: bool = False) -> Representations:
+  def __call__(self, inputs: jnp.ndarray, users: jnp.ndarray | None = None,
+               lengths: jnp.ndarray | None = None, *, deterministic: bool = True,
+               all_positions: bool = False) -> Representations:
     b, l = inputs.shape
     if l > self.config.max_len:
       raise ValueError(f"ID-agnostic SLIM: sequences of length {l} exceed max_len "
                        f"{self.config.max_len}")
     item_text = jnp.asarray(self.item_text.array)
-    rationale = self.g_p(_user_vectors(self.user_text, users, b)) + self.kind(
-        jnp.zeros((), jnp.int32))  # [B, D]
-    history = self.g_p(jnp.take(item_text, inputs, axis=0)) + self.kind(
-        jnp.ones((), jnp.int32))  # [B, L, D]
     mask = padding_mask(inputs)  # [B, L]
     positions = jnp.cumsum(mask, axis=1) * mask  # [B, L]: 1 = oldest item, 0 = padding
-    history = history + self.position(positions)
-    rationale = rationale + self.position(jnp.zeros((b,), jnp.int32))
-    x = jnp.concatenate([rationale[:, None], history], axis=1)  # [B, L+1, D]
-    keys = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)  # [B, L+1]
-    causal = jnp.tril(jnp.ones((l + 1, l + 1), bool))
-    bias = jnp.where(causal[None, None] & keys[:, None, None, :], 0.0, -10000.0)
-    out = self._run(x, bias.astype(x.dtype), deterministic)[:, 1:]  # [B, L, D]
+    history = (self.g_p(jnp.take(item_text, inputs, axis=0)) + self._kind(1)
+               + self.position(positions))  # [B, L, D]
+    front = [jnp.broadcast_to(self._kind(2) + self.position(jnp.zeros((), jnp.int32)),
+                              (b, 1, history.shape[-1]))]  # [B, 1, D] the null token
+    history_sees = [jnp.ones((b, l, 1), bool)]  # [B, L, 1]: the null token, always
+    if self.rationales is not None:
+      if users is None:
+        raise ValueError("this model reads a rationale per user: pass `users` [B]")
+      vectors = jnp.take(jnp.asarray(self.rationales.vectors), users, axis=0)  # [B, K, Dt]
+      front.append(self.g_p(vectors) + self._kind(0)
+                   + self.position(jnp.zeros((), jnp.int32)))  # [B, K, D]
+      lengths = rationale_table.prefix_lengths(inputs, lengths)
+      history_sees.append(rationale_table.visible(self.rationales, users, lengths))  # [B, L, K]
+    front = jnp.concatenate(front, axis=1)  # [B, n, D], n = 1 + K
+    n = front.shape[1]
+    causal = jnp.tril(jnp.ones((l, l), bool))[None] & mask[:, None, :]  # [B, L, L]
+    history_sees = jnp.concatenate(history_sees + [causal], axis=-1)  # [B, L, n + L]
+    # Front tokens see the null token and themselves only: what a rationale token carries
+    # is its own text, whoever reads it.
+    front_sees = (jnp.eye(n, n + l, dtype=bool) | (jnp.arange(n + l) == 0))[None]  # [1, n, n+L]
+    allowed = jnp.concatenate([jnp.broadcast_to(front_sees, (b, n, n + l)), history_sees],
+                              axis=1)  # [B, n + L, n + L]
+    x = jnp.concatenate([front, history], axis=1)  # [B, n + L, D]
+    bias = jnp.where(allowed[:, None], 0.0, -10000.0).astype(x.dtype)
+    out = self._run(x, bias, deterministic)[:, n:]  # [B, L, D]
     sequence = out if all_positions else out[:, -1]
     return Representations(sequence=sequence, items=self.item_table(deterministic))
 
 
 # ----------------------------------------------------------------------------- variants
 
-# variant -> (family, rationale source or None). Sources name slim_jax/encode.py outputs.
+class Variant(NamedTuple):
+  family: str  # 'id' (a backbone alone), 'id+' (fused item table), 'agnostic'
+  source: str | None = None  # the rationale writer: 'teacher' or 'student'; None: no rationale
+  step: str | None = None  # 'step1'..'step3': one step's text; None: the whole rationale
+  shuffled: bool = False  # rationales shuffled between users (a control)
+
+  def vector_names(self) -> tuple[str, ...]:
+    """The slim_jax/encode.py outputs the variant reads: the evaluation and the training
+    rationale (teacher/prompts.py KINDS), e.g. ('student_step1', 'student_train_step1')."""
+    if self.source is None:
+      return ()
+    step = f"_{self.step}" if self.step else ""
+    return (f"{self.source}{step}", f"{self.source}_train{step}")
+
+
 VARIANTS = {
-    "backbone": ("id", None),
-    "backbone+": ("id+", None),
-    "slim-": ("id+", "teacher"),
-    "slim": ("id+", "student"),
-    "agnostic": ("agnostic", "student"),
-    "agnostic-step1": ("agnostic", "student_step1"),
-    "agnostic-step2": ("agnostic", "student_step2"),
-    "agnostic-step3": ("agnostic", "student_step3"),
+    "backbone": Variant("id"),
+    "backbone+": Variant("id+"),
+    "slim-": Variant("id+", "teacher"),
+    "slim": Variant("id+", "student"),
+    "slim-shuffled": Variant("id+", "student", shuffled=True),
+    "agnostic": Variant("agnostic", "student"),
+    "agnostic-history": Variant("agnostic"),
+    "agnostic-step1": Variant("agnostic", "student", "step1"),
+    "agnostic-step2": Variant("agnostic", "student", "step2"),
+    "agnostic-step3": Variant("agnostic", "student", "step3"),
 }
+SHUFFLE_SEED = 0  # the derangement of slim-shuffled, the same for every training seed
 
 
-def variant_source(variant: str) -> str | None:
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown SLIM variant {variant!r}; choose from {sorted(VARIANTS)}")
-  return VARIANTS[variant][1]
+def variant(name: str) -> Variant:
+  if name not in VARIANTS:
+    raise ValueError(f"unknown SLIM variant {name!r}; choose from {sorted(VARIANTS)}")
+  return VARIANTS[name]
 
 
-def is_id_agnostic(variant: str) -> bool:
-  return variant in VARIANTS and VARIANTS[variant][0] == "agnostic"
+def is_id_agnostic(name: str) -> bool:
+  return name in VARIANTS and VARIANTS[name].family == "agnostic"
 
 
-def make_model(variant: str, backbone_name: str, *, num_items: int,
-               item_text: np.ndarray | None = None, user_text: np.ndarray | None = None,
+def make_model(name: str, backbone_name: str, *, num_items: int,
+               item_text: np.ndarray | None = None, rationales: RationaleTable | None = None,
                max_len: int = 50, hidden_size: int = 64, num_layers: int | None = None,
                num_heads: int | None = None, dropout: float | None = None) -> nn.Module:
-  """The module of `variant` ('backbone', 'slim', 'agnostic-step2', ...).
+  """The module of variant `name` ('backbone', 'slim', 'agnostic-step2', ...).
 
-  ID-agnostic variants ignore `backbone_name`. item_text [V+1, Dt]; user_text [U, Dt] (the
-  variant's rationale source) where the variant reads one.
+  ID-agnostic variants ignore `backbone_name`. item_text [V+1, Dt]; rationales: the
+  variant's rationale table (its `vector_names`), unshuffled: 'slim-shuffled' shuffles it.
   """
-  family, source = VARIANTS.get(variant, (None, None))
-  if family is None:
-    raise ValueError(f"unknown SLIM variant {variant!r}; choose from {sorted(VARIANTS)}")
-  if family != "id" and item_text is None:
-    raise ValueError(f"variant {variant!r} needs the item text vectors (embeddings/items.npy)")
-  if source is not None and user_text is None:
-    raise ValueError(f"variant {variant!r} needs the rationale vectors embeddings/{source}.npy")
+  v = variant(name)
+  if v.family != "id" and item_text is None:
+    raise ValueError(f"variant {name!r} needs the item text vectors (embeddings/items.npy)")
+  if v.source is not None and rationales is None:
+    raise ValueError(f"variant {name!r} needs the rationale vectors embeddings/"
+                     f"{' and '.join(n + '.npy' for n in v.vector_names())}")
+  if v.source is None:
+    rationales = None
+  elif v.shuffled:
+    rationales = rationales.shuffled(SHUFFLE_SEED)
   if item_text is not None and item_text.shape[0] != num_items + 1:
     raise ValueError(f"item text vectors have {item_text.shape[0]} rows, expected "
                      f"num_items + 1 = {num_items + 1}; re-run the encode stage")
-  if family == "agnostic":
+  if v.family == "agnostic":
     cfg = IDAgnosticConfig(hidden_size=hidden_size, max_len=max_len,
                            num_layers=2 if num_layers is None else num_layers,
                            num_heads=2 if num_heads is None else num_heads,
                            dropout=0.2 if dropout is None else dropout)
-    return SlimIDAgnostic(cfg, Frozen(item_text), Frozen(user_text))
+    return SlimIDAgnostic(cfg, Frozen(item_text), rationales)
   net = registry.make_backbone(backbone_name, registry.make_config(
       backbone_name, num_items=num_items, max_len=max_len, hidden_size=hidden_size,
       num_layers=num_layers, num_heads=num_heads, dropout=dropout))
-  if family == "id":
+  if v.family == "id":
     return backbone_lib.Recommender(backbone=net)
-  return SlimIDBased(net, Frozen(item_text), None if source is None else Frozen(user_text))
+  return SlimIDBased(net, Frozen(item_text), rationales)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from slim_jax.models.layers import Linear
-from slim_jax.recommenders.backbone import masked_item_table, padding_mask
+from slim_jax.recommenders.backbone import input_vectors, masked_item_table, padding_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +214,13 @@ class SRGNN(nn.Module):
   def item_embeddings(self) -> jnp.ndarray:
     return masked_item_table(self.item_embedding.embedding)  # [V+1, D]
 
-  def _prefix_vectors(self, inputs: jnp.ndarray, prefixes: jnp.ndarray) -> jnp.ndarray:
+  def _prefix_vectors(self, inputs: jnp.ndarray, prefixes: jnp.ndarray,
+                      table: jnp.ndarray | None = None) -> jnp.ndarray:
     """inputs [B, L], prefixes [P] (last position of each prefix) -> [B, P, D]."""
     l = inputs.shape[1]
     nodes = node_ids(inputs)  # [B, L]
-    x = jnp.take(self.item_embeddings(), inputs, axis=0)  # [B, L, D]: node(t) starts as x[t]
+    # [B, L, D]: node(t) starts as x[t]
+    x = input_vectors(self.item_embeddings() if table is None else table, inputs)
     # First GNN step on the 2L event states.
     m_in, m_out = event_masks(nodes)  # [B, 2L, T]
     start = jnp.concatenate([x, jnp.roll(x, 1, axis=1)], axis=1)  # [B, 2L, D]
@@ -251,13 +253,15 @@ class SRGNN(nn.Module):
     a = jnp.einsum("bpl,bpld->bpd", alpha, seq_hidden)  # [B, P, D]
     return self.linear_transform(jnp.concatenate([a, ht], -1))  # [B, P, D]
 
-  def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+  def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True,
+                  table: jnp.ndarray | None = None) -> jnp.ndarray:
     """[B, L] left-padded -> [B, D]: the graph of the whole sequence."""
     del deterministic
     last = jnp.array([inputs.shape[1] - 1])
-    return self._prefix_vectors(inputs, last)[:, 0]
+    return self._prefix_vectors(inputs, last, table)[:, 0]
 
-  def encode(self, inputs: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+  def encode(self, inputs: jnp.ndarray, deterministic: bool = True,
+             table: jnp.ndarray | None = None) -> jnp.ndarray:
     """[B, L] -> [B, L, D]: position t is the graph of the prefix ending at t."""
     del deterministic
-    return self._prefix_vectors(inputs, jnp.arange(inputs.shape[1]))
+    return self._prefix_vectors(inputs, jnp.arange(inputs.shape[1]), table)

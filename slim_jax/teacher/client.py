@@ -81,6 +81,13 @@ class Stats:
     """Estimated USD for prices given per million tokens."""
     return (self.prompt_tokens * price_input + self.completion_tokens * price_output) / 1e6
 
+  def merged(self, other: "Stats") -> "Stats":
+    """The counts of two runs added (the teacher stage's kinds of rationale)."""
+    out = Stats()
+    for field in dataclasses.fields(Stats):
+      setattr(out, field.name, getattr(self, field.name) + getattr(other, field.name))
+    return out
+
   def as_dict(self) -> dict:
     out = dataclasses.asdict(self)
     out["retries_by_cause"] = dict(self.retries_by_cause)
@@ -240,7 +247,8 @@ async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id
 
 async def _collect(requests: Sequence[tuple[int, list[dict]]], out_path: str,
                    config: ClientConfig, key: str | None, stats: Stats,
-                   progress: Callable[[Stats], None] | None) -> None:
+                   progress: Callable[[Stats], None] | None,
+                   fields: dict[int, dict] | None) -> None:
   client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=config.base_url,
                               timeout=config.timeout, max_retries=0)
   semaphore = asyncio.Semaphore(config.concurrency)
@@ -250,7 +258,7 @@ async def _collect(requests: Sequence[tuple[int, list[dict]]], out_path: str,
     async with semaphore:
       record = await _request_one(client, config, user_id, messages, stats, key, rng)
     if record is not None:
-      appender.append(record)
+      appender.append({**record, **(fields or {}).get(user_id, {})})
       stats.users_done += 1
       if progress is not None:
         progress(stats)
@@ -271,8 +279,10 @@ async def _collect(requests: Sequence[tuple[int, list[dict]]], out_path: str,
 
 
 def collect(requests: Sequence[tuple[int, list[dict]]], out_path: str, config: ClientConfig,
-            api_key: str | None, progress: Callable[[Stats], None] | None = None) -> Stats:
+            api_key: str | None, progress: Callable[[Stats], None] | None = None,
+            fields: dict[int, dict] | None = None) -> Stats:
   """Asks the endpoint for every (user_id, messages) not yet in `out_path`; returns counts.
+  `fields[user_id]` is added to that user's record (the rationale's cutoff).
 
   Users already in the file are skipped. Raises FatalError (key redacted) when the endpoint
   refuses every request (401/403/404); lines written before that stay.
@@ -287,6 +297,6 @@ def collect(requests: Sequence[tuple[int, list[dict]]], out_path: str, config: C
   stats.users_skipped = len(requests) - len(todo)
   stats.users_requested = len(todo)
   if todo:
-    asyncio.run(_collect(todo, out_path, config, api_key, stats, progress))
+    asyncio.run(_collect(todo, out_path, config, api_key, stats, progress, fields))
   stats.seconds = time.perf_counter() - start
   return stats

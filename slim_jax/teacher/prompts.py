@@ -6,16 +6,26 @@ prompt lists the user's history from the item table, oldest first, taken from th
 PREFIX ONLY (`SequenceDataset.train_prefix`): the validation and test items never reach a
 prompt. Long histories keep the most recent `max_history` items.
 
+Every user gets two rationales (docs/causal_rationales.md), each written from the first
+`cutoff` items of the training prefix and visible only at positions whose history holds
+them all:
+  'eval'   cutoff = the whole prefix; read when scoring the validation and test targets;
+  'train'  cutoff = the prefix less its last `holdout` items (at most half of it); read at
+           the training positions at or after the cutoff, so no training target a
+           position predicts is in the text it reads.
+Their files are rationales/<source>.jsonl and rationales/<source>_train.jsonl.
+
 The user message comes from a template with a `{history}` placeholder (and optionally
 `{num_items}`). A replacement template is a UTF-8 text file in the same form; a line holding
 only `---` splits it into a system message (above) and the user message (below). Literal
 braces are written `{{` and `}}`, as in `str.format`.
 
-`parse_steps` splits an answer into its steps. Real models number steps in many ways
-("Step 1:", "**Step 1**", "### Step 1", "1.", "1)", "(1)", headings named after the step),
-and sometimes skip one; the parser returns the steps it found (a missing one is None) and
-returns None when it cannot find the structure at all, so the caller keeps the raw text and
-records the failure instead of dropping the user.
+`parse_steps` splits an answer into its steps at explicit "Step 1", "Step 2", "Step 3"
+markers (the prompt asks for them; decoration such as "**Step 1:**", "### Step 2" or
+"STEP THREE" is accepted). Bare numbering ("1.", "2)") and headings are NOT steps: with a
+rationale that lists items they would make Step 1/2/3 the first item, the second and the
+rest. A missing step is None; an answer with fewer than two markers is None, and the caller
+keeps the raw text and records the failure (the report shows the parse rate per source).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from slim_jax.data import raw
 from slim_jax.data.dataset import Item, SequenceDataset
 
 DEFAULT_MAX_HISTORY = 50
+DEFAULT_RATIONALE_HOLDOUT = 10  # training items after a training rationale's cutoff
+KINDS = ("eval", "train")
 
 DEFAULT_SYSTEM = ("You are an expert recommender system. You reason step by step about a "
                   "user's history and answer concisely.")
@@ -122,12 +134,40 @@ def describe_item(item: Item) -> str:
                        ("Categories", [c.strip() for c in item.categories if c.strip()])))
 
 
+def source_name(base: str, kind: str) -> str:
+  """'student', 'train' -> 'student_train' (the rationale file's and vectors' name)."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown rationale kind {kind!r}; one of {KINDS}")
+  return base if kind == "eval" else f"{base}_train"
+
+
+def train_cutoff(prefix_length: int, holdout: int = DEFAULT_RATIONALE_HOLDOUT) -> int:
+  """Items a training rationale is written from: all but the last `holdout`, keeping at
+  least half of the prefix (and one item)."""
+  if holdout < 1:
+    raise ValueError(f"--rationale_holdout must be >= 1, got {holdout}")
+  return max(1, prefix_length - min(holdout, prefix_length // 2))
+
+
+def cutoff(dataset: SequenceDataset, user: int, kind: str,
+           holdout: int = DEFAULT_RATIONALE_HOLDOUT) -> int:
+  """How many training-prefix items the `kind` rationale of `user` is written from."""
+  n = len(dataset.train_prefix(user))
+  if kind not in KINDS:
+    raise ValueError(f"unknown rationale kind {kind!r}; one of {KINDS}")
+  return n if kind == "eval" else train_cutoff(n, holdout)
+
+
 def history_items(dataset: SequenceDataset, user: int,
-                  max_history: int = DEFAULT_MAX_HISTORY) -> list[int]:
-  """The item ids a prompt shows: the most recent `max_history` of the training prefix."""
+                  max_history: int = DEFAULT_MAX_HISTORY,
+                  cutoff: int | None = None) -> list[int]:
+  """The item ids a prompt shows: the most recent `max_history` of the first `cutoff`
+  items of the training prefix (None: all of it)."""
   if max_history < 1:
     raise ValueError(f"max_history must be >= 1, got {max_history}")
   prefix = dataset.train_prefix(user)
+  if cutoff is not None:
+    prefix = prefix[:cutoff]
   return [int(i) for i in prefix[-max_history:]]
 
 
@@ -137,29 +177,23 @@ def render_history(dataset: SequenceDataset, item_ids: list[int]) -> str:
 
 def build_messages(dataset: SequenceDataset, user: int, *,
                    template: PromptTemplate | None = None,
-                   max_history: int = DEFAULT_MAX_HISTORY) -> list[dict]:
-  """The chat prompt p'_u for dense user id `user`, from its training prefix only."""
+                   max_history: int = DEFAULT_MAX_HISTORY,
+                   cutoff: int | None = None) -> list[dict]:
+  """The chat prompt p'_u for dense user id `user`, from the first `cutoff` items of its
+  training prefix (None: all of it)."""
   template = template or PromptTemplate()
-  items = history_items(dataset, user, max_history)
+  items = history_items(dataset, user, max_history, cutoff)
   return template.render(render_history(dataset, items), len(items))
 
 
 # ----------------------------------------------------------------------------- parsing
 
-_NUMBER_WORDS = {"1": 1, "2": 2, "3": 3, "one": 1, "two": 2, "three": 3,
-                 "first": 1, "second": 2, "third": 3}
+_NUMBER_WORDS = {"1": 1, "2": 2, "3": 3, "one": 1, "two": 2, "three": 3}
 # Decoration a model may put before a step marker at the start of a line.
 _LEAD = r"^(?P<indent>[ \t]*)(?:>\s*)?(?:#{1,6}\s*)?(?:[-*+]\s+)?(?P<bold>\*\*|__)?\s*"
-# Tier 1: the word "step" ("Step 1:", "**Step 2.**", "### STEP THREE", "Step (1)").
+# "Step 1:", "**Step 2.**", "### STEP THREE", "Step (1)".
 _STEP_WORD = re.compile(
     _LEAD + r"step\s*\(?(?P<n>[123]|one|two|three)\)?(?![\w.]\d)", re.I | re.M)
-# Tier 2: bare numbering at the start of a line ("1.", "2)", "(3)", "**1.**", "## 2:").
-_NUMBERED = re.compile(
-    _LEAD + r"(?:\((?P<p>[123])\)|(?P<n>[123])[.):])(?=[\s*_]|$)", re.M)
-# Tier 3: a heading or a short line ending in ':' named after a step.
-_HEADING = re.compile(
-    r"^(?P<indent>[ \t]*)(?P<bold>\*\*|__|#{1,6}\s*)?(?P<title>[^\n]{0,80}?)"
-    r"(?:\*\*|__)?[ \t]*:?[ \t]*$", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,33 +205,10 @@ class _Marker:
   bold: str = ""  # an opening '**' or '__' whose closing pair is on the marker's line
 
 
-def _markers_from(pattern: re.Pattern, text: str) -> list[_Marker]:
-  markers = []
-  for m in pattern.finditer(text):
-    number = m.group("n") or m.groupdict().get("p")
-    markers.append(_Marker(m.start(), m.end(), _NUMBER_WORDS[number.lower()],
-                           len(m.group("indent")), m.group("bold") or ""))
-  return markers
-
-
-def _heading_markers(text: str) -> list[_Marker]:
-  markers = []
-  for m in _HEADING.finditer(text):
-    line = m.group(0)
-    decorated = bool(m.group("bold")) or line.rstrip().endswith(":")
-    title = m.group("title").lower()
-    if not decorated or not title.strip() or len(title) > 80:
-      continue
-    if "brand" in title or "categor" in title:
-      step = 2
-    elif "prefer" in title:
-      step = 1
-    elif "item" in title or "recommend" in title or "product" in title:
-      step = 3
-    else:
-      continue
-    markers.append(_Marker(m.start(), m.end(), step, len(m.group("indent"))))
-  return markers
+def _markers(text: str) -> list[_Marker]:
+  return [_Marker(m.start(), m.end(), _NUMBER_WORDS[m.group("n").lower()],
+                  len(m.group("indent")), m.group("bold") or "")
+          for m in _STEP_WORD.finditer(text)]
 
 
 def _select(markers: list[_Marker]) -> list[_Marker]:
@@ -217,28 +228,19 @@ def _clean(text: str) -> str:
 
 
 def parse_steps(response: str) -> dict[str, str | None] | None:
-  """Splits a rationale into {'step1', 'step2', 'step3'}; None when no structure is found.
-
-  At least two of the three steps must be found; a missing step is None. Explicit
-  "Step N" markers win over bare numbering, which wins over headings named after a step
-  ("Preferences", "Brands and categories", "Recommended items"): a numbered list of items
-  inside step 3 is then not mistaken for steps.
-  """
+  """Splits a rationale into {'step1', 'step2', 'step3'} at explicit "Step N" markers;
+  None when fewer than two are found. A missing step is None."""
   if not isinstance(response, str) or not response.strip():
     return None
-  for finder in (lambda t: _markers_from(_STEP_WORD, t), lambda t: _markers_from(_NUMBERED, t),
-                 _heading_markers):
-    chosen = _select(finder(response))
-    if len(chosen) < 2:
-      continue
-    steps: dict[str, str | None] = {key: None for key in STEP_KEYS}
-    for index, marker in enumerate(chosen):
-      stop = chosen[index + 1].start if index + 1 < len(chosen) else len(response)
-      body = response[marker.end:stop]
-      if marker.bold:  # drop the closing '**' of "**Step 1: Preferences**"
-        first_line, newline, rest = body.partition("\n")
-        body = first_line.replace(marker.bold, "", 1) + newline + rest
-      steps[STEP_KEYS[marker.step - 1]] = _clean(body) or None
-    if sum(v is not None for v in steps.values()) >= 2:
-      return steps
-  return None
+  chosen = _select(_markers(response))
+  if len(chosen) < 2:
+    return None
+  steps: dict[str, str | None] = {key: None for key in STEP_KEYS}
+  for index, marker in enumerate(chosen):
+    stop = chosen[index + 1].start if index + 1 < len(chosen) else len(response)
+    body = response[marker.end:stop]
+    if marker.bold:  # drop the closing '**' of "**Step 1: Preferences**"
+      first_line, newline, rest = body.partition("\n")
+      body = first_line.replace(marker.bold, "", 1) + newline + rest
+    steps[STEP_KEYS[marker.step - 1]] = _clean(body) or None
+  return steps if sum(v is not None for v in steps.values()) >= 2 else None

@@ -10,6 +10,9 @@ One JSON object per line and per user (DESIGN.md, "Artifacts between stages"):
   usage          {"prompt_tokens", "completion_tokens"}
   created        unix seconds
   finish_reason  "stop" or "length" (extra: a truncated rationale is worth knowing about)
+  cutoff         how many training-prefix items the prompt was written from (prompts.py:
+                 the rationale is visible only at positions whose history holds them all);
+                 absent in files written before it existed, read as the whole prefix
 
 Each record is appended as one complete line with a single write, then flushed and fsynced,
 so a stage killed at any moment leaves every finished user on disk and a rerun asks only for
@@ -30,7 +33,8 @@ REQUIRED_KEYS = ("user_id", "messages", "response", "steps", "model", "usage", "
 
 def make_record(*, user_id: int, messages: list[dict], response: str, model: str,
                 prompt_tokens: int | None, completion_tokens: int | None,
-                finish_reason: str | None = None, created: int | None = None) -> dict:
+                finish_reason: str | None = None, created: int | None = None,
+                cutoff: int | None = None) -> dict:
   """A schema-complete record; the steps come from `prompts.parse_steps` (None on failure)."""
   return {
       "user_id": int(user_id),
@@ -41,6 +45,7 @@ def make_record(*, user_id: int, messages: list[dict], response: str, model: str
       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
       "created": int(time.time()) if created is None else int(created),
       "finish_reason": finish_reason,
+      **({} if cutoff is None else {"cutoff": int(cutoff)}),
   }
 
 
@@ -52,6 +57,10 @@ def validate(record: dict, where: str = "record") -> None:
     raise ValueError(f"{where}: user_id must be an int, got {record['user_id']!r}")
   if not isinstance(record["response"], str):
     raise ValueError(f"{where}: response must be a string")
+  cutoff = record.get("cutoff")
+  if cutoff is not None and (not isinstance(cutoff, int) or isinstance(cutoff, bool)
+                             or cutoff < 1):
+    raise ValueError(f"{where}: cutoff must be a positive int, got {cutoff!r}")
   steps = record["steps"]
   if steps is not None and set(steps) != set(prompts.STEP_KEYS):
     raise ValueError(f"{where}: steps must be null or have keys {prompts.STEP_KEYS}")

@@ -1,6 +1,6 @@
 """The recommend stage of a SLIM run: every (backbone, variant, seed), with the analyses.
 
-  results, analyses = train_grid(workdir, spec)
+  results = train_grid(workdir, spec)     the results dict, format 2 (slim_jax/claims.py)
 
 For each variant (slim_jax/recommenders/slim.py) on each backbone (ID-agnostic variants
 once, backbone 'none') and each seed, trains with slim_jax/train/loop.py and writes
@@ -8,10 +8,18 @@ once, backbone 'none') and each seed, trains with slim_jax/train/loop.py and wri
 the fingerprint it was trained under (the pipeline stage's, else `default_fingerprint`: the
 spec, the prepared data and the embeddings); a seed whose result carries the current
 fingerprint is never retrained, one made under another is deleted, checkpoints included,
-and trained again. Each result also holds the analyses of slim_jax/analysis.py on
-the best checkpoint (share of head items in the top-10, metrics of the cold-start users).
-`spec.train_fraction < 1` thins every training prefix first (the sparsity analysis) and
-keeps its results in its own folder. The text vectors come from `<workdir>/embeddings/`.
+and trained again. Each result also keeps, from the best checkpoint, every test user's
+metrics (`per_user`: NDCG@10, HR@10, HR@20 on the stored candidates, and head@10, the share
+of head items in the user's top-10 over every unseen item), the train loss and validation
+metrics per epoch and the best epoch. A most-popular row (training counts, ties broken at
+random per seed) is always added. In a sparsity run (prepared with a train_fraction,
+slim_jax/data/sparsity.py) head items and cold-start users come from the full data's
+training counts, so every fraction is judged on the same ones.
+
+results.json = {"format": 2, "test_users": [U], "cold_users": [...], "teacher_users": [...]
+(users with a teacher rationale), "head_share", "rows": [{"backbone", "variant", "seeds",
+"test": [{metric: mean}], "per_user": [{metric: [U]}], "best_epoch", "epochs_run",
+"history"}]}. The text vectors come from `<workdir>/embeddings/`.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ import numpy as np
 from slim_jax import analysis
 from slim_jax import io
 from slim_jax.data import dataset as dataset_lib
-from slim_jax.data import prepare, sequences
+from slim_jax.data import prepare, sequences, sparsity
 from slim_jax.pipeline import layout as layout_lib
 from slim_jax.recommenders import slim
-from slim_jax.train import loop
+from slim_jax.recommenders.rationale_table import RationaleTable
+from slim_jax.train import loop, metrics
 from slim_jax.train.checkpoints import Checkpointer
 
 RESULTS_FILE = "results.json"
@@ -47,41 +56,60 @@ class GridSpec:
   hidden: int
   batch: int
   max_len: int
-  train_fraction: float = 1.0  # < 1: the sparsity analysis
+  learning_rate: float = 1e-3
   head_share: float = 0.2  # the most popular share of items that counts as "head"
   cold_max_count: int = 5  # a cold-start user's test item has at most this many interactions
 
   def __post_init__(self):
-    if not 0.0 < self.train_fraction <= 1.0:
-      raise ValueError(f"--train_fraction={self.train_fraction} must be in (0, 1]")
     if not 0.0 < self.head_share < 1.0:
       raise ValueError(f"--head_share={self.head_share} must be in (0, 1)")
     if self.cold_max_count < 0:
       raise ValueError(f"--cold_max_count={self.cold_max_count} must be >= 0")
 
-  @property
-  def suffix(self) -> str:
-    return layout_lib.fraction_suffix(self.train_fraction)
-
 
 def recommend_dir(workdir: str, spec: GridSpec) -> str:
-  return layout_lib.RunLayout(workdir).recommend(spec.train_fraction)
+  del spec  # one grid per workdir
+  return layout_lib.RunLayout(workdir).recommend
 
 
 def text_vectors(workdir: str, name: str) -> np.ndarray:
-  return np.load(layout_lib.RunLayout(workdir).vectors(name))
+  path = layout_lib.RunLayout(workdir).vectors(name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run the encode stage (and the teacher "
+                            "or generate stage that writes its rationales) first")
+  return np.load(path)
 
 
-def load_data(workdir: str, spec: GridSpec) -> dataset_lib.SequenceDataset:
-  data = dataset_lib.load(prepare.prepared_dir(workdir))
-  return analysis.thin_training(data, spec.train_fraction) if spec.train_fraction < 1 else data
+def rationale_table(workdir: str, names: tuple[str, ...]) -> RationaleTable:
+  """The rationales `names` (slim.Variant.vector_names: evaluation and training) with
+  their presence masks and cutoffs, from the encode stage's outputs."""
+  layout = layout_lib.RunLayout(workdir)
+  kinds = []
+  for name in names:
+    vectors = text_vectors(workdir, name)
+    for path in (layout.present_mask(name), layout.cutoffs(name)):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: re-run the encode stage (its "
+                                "outputs predate causal rationales)")
+    kinds.append((vectors, np.load(layout.present_mask(name)), np.load(layout.cutoffs(name))))
+  return RationaleTable.from_kinds(kinds)
+
+
+def load_data(workdir: str) -> dataset_lib.SequenceDataset:
+  return dataset_lib.load(prepare.prepared_dir(workdir))
+
+
+def full_training_counts(workdir: str, data: dataset_lib.SequenceDataset) -> np.ndarray:
+  """[V+1] training counts of the full data: saved by a thinned preparation, else `data`'s."""
+  path = os.path.join(prepare.prepared_dir(workdir), sparsity.FULL_COUNTS_FILE)
+  return np.load(path) if os.path.exists(path) else analysis.training_counts(data)
 
 
 def make_model(workdir: str, spec: GridSpec, data, backbone: str, variant: str):
-  source = slim.variant_source(variant)
+  names = slim.variant(variant).vector_names()
   return slim.make_model(variant, "sasrec" if backbone == "none" else backbone,
                          num_items=data.num_items, item_text=text_vectors(workdir, "items"),
-                         user_text=text_vectors(workdir, source) if source else None,
+                         rationales=rationale_table(workdir, names) if names else None,
                          max_len=spec.max_len, hidden_size=spec.hidden)
 
 
@@ -125,58 +153,109 @@ def _reusable_result(run_dir: str, fingerprint: str) -> dict | None:
   return None
 
 
+def _per_user(analysed: dict, head: np.ndarray) -> dict[str, list[float]]:
+  """{metric: [U]} of slim_jax/analysis.py's user_analysis, plus head@10 per user."""
+  out = {m: [float(x) for x in v] for m, v in analysed.items() if m != "top"}
+  out[f"head@{analysis.TOP_K}"] = [float(x) for x in head[analysed["top"]].mean(1)]
+  return out
+
+
+def most_popular_row(data, test: sequences.EvalSet, head: np.ndarray,
+                     seeds: tuple[int, ...]) -> dict:
+  """The most-popular ranker on the test candidates: training counts, ties broken at
+  random (one draw per seed); head@10 from its top-10 over every unseen item."""
+  counts = analysis.training_counts(data).astype(np.float64)  # [V+1]
+  row = {"backbone": "none", "variant": "most-popular", "seeds": list(seeds), "test": [],
+         "per_user": [], "best_epoch": [], "epochs_run": [], "history": []}
+  for seed in seeds:
+    scores = counts + np.random.default_rng(seed).uniform(0.0, 0.5, counts.shape)  # [V+1]
+    ranked = metrics.sampled_ranking_metrics(scores[test.candidates])  # {m: [U]}
+    full = np.broadcast_to(scores, (len(test), len(scores))).copy()
+    full[test.exclude_mask(data.num_items)] = -np.inf
+    top = np.argsort(-full, axis=1, kind="stable")[:, :analysis.TOP_K]  # [U, 10]
+    per_user = _per_user({**{m: np.asarray(v) for m, v in ranked.items()}, "top": top}, head)
+    row["per_user"].append(per_user)
+    row["test"].append({m: float(np.mean(v)) for m, v in per_user.items()
+                        if m in ranked})
+  return row
+
+
+def _train_fraction(workdir: str) -> float:
+  """The share of each training prefix the prepared data kept (1: a full run)."""
+  try:
+    return float(prepare.load_summary(workdir).get("train_fraction", 1.0))
+  except FileNotFoundError:  # prepared without a summary (tests, old folders)
+    return 1.0
+
+
+def teacher_users(workdir: str, num_users: int) -> list[int]:
+  """Users with a teacher evaluation rationale (the users SLIM- and SLIM compare on)."""
+  path = layout_lib.RunLayout(workdir).present_mask("teacher")
+  if not os.path.exists(path):
+    return []
+  present = np.load(path)
+  return [int(u) for u in np.flatnonzero(present[:num_users])]
+
+
 def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
-               fingerprint: str | None = None) -> tuple[dict, dict]:
-  """Per (backbone, variant): the per-seed test metrics and the per-seed analyses."""
+               fingerprint: str | None = None) -> dict:
+  """Trains every cell and seed not yet done; writes and returns the results dict."""
   fingerprint = fingerprint or default_fingerprint(workdir, spec)
-  data = load_data(workdir, spec)
+  data = load_data(workdir)
   negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
   test = sequences.eval_set(data, "test", negatives, spec.max_len)
-  counts = analysis.training_counts(data)
-  head = analysis.head_items(counts, spec.head_share)
-  cold = analysis.cold_users(data, counts, spec.cold_max_count)
-  results, analyses = {}, {}
+  full_counts = full_training_counts(workdir, data)  # head and cold: from the full data
+  head = analysis.head_items(full_counts, spec.head_share)
+  cold = analysis.cold_users(data, full_counts, spec.cold_max_count)
+  rows = []
   for backbone, variant in cells(spec):
     model = make_model(workdir, spec, data, backbone, variant)
-    per_seed, per_seed_analysis = [], []
+    row = {"backbone": backbone, "variant": variant, "seeds": list(spec.seeds), "test": [],
+           "per_user": [], "best_epoch": [], "epochs_run": [], "history": []}
     for seed in spec.seeds:
       run_dir = os.path.join(recommend_dir(workdir, spec), backbone, variant, f"seed_{seed}")
-      done = os.path.join(run_dir, "result.json")
       result = _reusable_result(run_dir, fingerprint)
       if result is None:
         config = loop.TrainConfig(loss="bce", epochs=spec.epochs, batch_size=spec.batch,
                                   patience=spec.patience, eval_batch_size=spec.batch,
-                                  max_len=spec.max_len, seed=seed, progress=False)
+                                  max_len=spec.max_len, seed=seed,
+                                  learning_rate=spec.learning_rate, progress=False)
         start = time.perf_counter()
         result = loop.train_and_evaluate(model, data, negatives, config, run_dir,
                                          name=f"{backbone}/{variant}/{seed}", log=lambda _: None)
         result["wall_seconds"] = time.perf_counter() - start
         result["fingerprint"] = fingerprint
+        result["per_user"] = _per_user(analysis.user_analysis(
+            model, restore_best(run_dir), test, data.num_items, batch_size=spec.batch), head)
+        io.write_json(os.path.join(run_dir, "result.json"), result, indent=1, default=float)
         log(f"  {backbone}/{variant}/seed {seed}: test " + "  ".join(
             f"{k} {v:.4f}" for k, v in result["test"].items())
-            + f"  ({result['wall_seconds']:.0f} s)")
-      if "analysis" not in result:
-        per_user = analysis.user_analysis(model, restore_best(run_dir), test, data.num_items,
-                                          batch_size=spec.batch)
-        result["analysis"] = analysis.summarize(per_user, head, cold)
-        # the result and its analysis land together
-        io.write_json(done, result, indent=1, default=float)
-      per_seed.append(result["test"])
-      per_seed_analysis.append(result["analysis"])
-    results[(backbone, variant)] = per_seed
-    analyses[(backbone, variant)] = per_seed_analysis
-  io.write_json(os.path.join(recommend_dir(workdir, spec), RESULTS_FILE), [
-      {"backbone": b, "variant": v, "test": results[(b, v)], "analysis": analyses[(b, v)]}
-      for b, v in results], indent=1, default=float)
-  return results, analyses
+            + f"  (best epoch {result['best_epoch']} of {result['epochs_run']}, "
+            f"{result['wall_seconds']:.0f} s)")
+      for key in ("test", "per_user", "best_epoch", "epochs_run", "history"):
+        row[key].append(result[key])
+    rows.append(row)
+  rows.append(most_popular_row(data, test, head, spec.seeds))
+  results = {"format": 2, "test_users": [int(u) for u in test.users],
+             "cold_users": [int(u) for u in cold],
+             "teacher_users": teacher_users(workdir, data.num_users),
+             "head_share": spec.head_share,
+             "train_fraction": _train_fraction(workdir),
+             "rows": rows}
+  io.write_json(os.path.join(recommend_dir(workdir, spec), RESULTS_FILE), results,
+                default=float)
+  return results
 
 
-def read_results(workdir: str, spec: GridSpec) -> tuple[dict, dict]:
-  """(results, analyses) as `train_grid` returns them, from the recommend stage's
-  results.json, so the report needs no training code."""
-  rows = io.read_json(os.path.join(recommend_dir(workdir, spec), RESULTS_FILE), "grid results")
-  return ({(r["backbone"], r["variant"]): r["test"] for r in rows},
-          {(r["backbone"], r["variant"]): r["analysis"] for r in rows})
+def read_results(workdir: str, spec: GridSpec) -> dict:
+  """The results dict `train_grid` returns, from the recommend stage's results.json, so the
+  report needs no training code."""
+  path = os.path.join(recommend_dir(workdir, spec), RESULTS_FILE)
+  results = io.read_json(path, "grid results")
+  if not isinstance(results, dict) or results.get("format") != 2:
+    raise ValueError(f"{path} was written by an older recommend stage; rerun it "
+                     "(run_slim.py --force=recommend)")
+  return results
 
 
 def interpretability_cases(workdir: str, spec: GridSpec, student: dict,
@@ -187,13 +266,11 @@ def interpretability_cases(workdir: str, spec: GridSpec, student: dict,
   if variant is None:
     return []
   backbone = "none" if slim.is_id_agnostic(variant) else spec.backbones[0]
-  data = load_data(workdir, spec)
+  data = load_data(workdir)
   test = sequences.eval_set(data, "test", sequences.load_negatives(
       prepare.prepared_dir(workdir)), spec.max_len)
   users = np.arange(min(num_users, data.num_users))
-  subset = sequences.EvalSet(users=test.users[users], inputs=test.inputs[users],
-                             candidates=test.candidates[users],
-                             seen=[test.seen[u] for u in users])
+  subset = test.rows(users)
   run_dir = os.path.join(recommend_dir(workdir, spec), backbone, variant,
                          f"seed_{spec.seeds[0]}")
   model = make_model(workdir, spec, data, backbone, variant)

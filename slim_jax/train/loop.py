@@ -91,6 +91,7 @@ def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
   sampled, full = eval_fns
   arrays = {"inputs": np.asarray(eval_set.inputs, np.int32),
             "users": np.asarray(eval_set.users, np.int32),
+            "lengths": np.asarray(eval_set.lengths, np.int32),
             "candidates": np.asarray(eval_set.candidates, np.int32)}
   per_example = []
   offset = 0
@@ -104,9 +105,10 @@ def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
     batch = distributed.shard_global_batch(batch, {
         k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()})
     if mode == "sampled":
-      result = sampled(params, batch["inputs"], batch["users"], batch["candidates"])
+      result = sampled(params, batch["inputs"], batch["users"], batch["lengths"],
+                       batch["candidates"])
     else:
-      result = full(params, batch["inputs"], batch["users"], batch["targets"],
+      result = full(params, batch["inputs"], batch["users"], batch["lengths"], batch["targets"],
                     batch["exclude"])
     per_example.append((distributed.to_host(result), real))
     offset += real

@@ -1,11 +1,11 @@
 """Pure, jitted steps for sequential recommenders: one train step, two scoring functions.
 
   train_step(state, batch, rng) -> (state, {"loss", "grad_norm"})
-  sampled(params, inputs, users, candidates) -> {metric: [B]}      100 stored negatives
-  full(params, inputs, users, targets, exclude) -> {metric: [B]}   every unseen item
+  sampled(params, inputs, users, lengths, candidates) -> {metric: [B]}     100 stored negatives
+  full(params, inputs, users, lengths, targets, exclude) -> {metric: [B]}  every unseen item
 
 The model is any module with the `Recommender` call of slim_jax/recommenders/backbone.py:
-`model.apply({'params': p}, inputs, users, deterministic=, all_positions=)` returns the
+`model.apply({'params': p}, inputs, users, lengths, deterministic=, all_positions=)` returns the
 sequence vectors and the item table. Losses (per position t, target y_t, 0 = no loss):
 
   bce: -log sigmoid(<s_t, z_y>) - log(1 - sigmoid(<s_t, z_n>)), one sampled negative n per
@@ -33,8 +33,9 @@ from slim_jax.train import metrics
 from slim_jax.train.state import TrainState
 
 LOSSES = ("bce", "ce")
-# Batch keys the train step reads, with their ranks: inputs/targets/negatives [B, L], users [B].
-TRAIN_BATCH_RANKS = {"inputs": 2, "targets": 2, "negatives": 2, "users": 1}
+# Batch keys the train step reads, with their ranks: inputs/targets/negatives/lengths [B, L]
+# (lengths: the user's items each position's history holds), users [B].
+TRAIN_BATCH_RANKS = {"inputs": 2, "targets": 2, "negatives": 2, "lengths": 2, "users": 1}
 
 
 def bce_loss(sequence: jnp.ndarray, items: jnp.ndarray, targets: jnp.ndarray,
@@ -73,7 +74,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss: st
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-      reps = model.apply({"params": params}, batch["inputs"], batch["users"],
+      reps = model.apply({"params": params}, batch["inputs"], batch["users"], batch["lengths"],
                          deterministic=False, all_positions=True,
                          rngs={"dropout": dropout_rng})
       if loss == "bce":
@@ -97,25 +98,26 @@ def make_eval_fns(model: nn.Module, mesh: Mesh, params_shardings: Any
                   ) -> tuple[Callable, Callable]:
   """(sampled, full): jitted scoring plus per-example metrics, the batch split over the mesh.
 
-  sampled(params, inputs [B, L], users [B], candidates [B, C]) -> {metric: [B]}
-  full(params, inputs, users, targets [B], exclude [B, V+1]) -> {metric: [B]}
+  sampled(params, inputs [B, L], users [B], lengths [B, L], candidates [B, C]) -> {metric: [B]}
+  full(params, inputs, users, lengths, targets [B], exclude [B, V+1]) -> {metric: [B]}
   """
 
-  def represent(params, inputs, users):
-    return model.apply({"params": params}, inputs, users, deterministic=True,
+  def represent(params, inputs, users, lengths):
+    return model.apply({"params": params}, inputs, users, lengths, deterministic=True,
                        all_positions=False)
 
-  def sampled_fn(params, inputs, users, candidates):
-    reps = represent(params, inputs, users)
+  def sampled_fn(params, inputs, users, lengths, candidates):
+    reps = represent(params, inputs, users, lengths)
     scores = backbone.score_candidates(reps.sequence, reps.items, candidates)  # [B, C]
     return metrics.sampled_ranking_metrics(scores)
 
-  def full_fn(params, inputs, users, targets, exclude):
-    reps = represent(params, inputs, users)
+  def full_fn(params, inputs, users, lengths, targets, exclude):
+    reps = represent(params, inputs, users, lengths)
     scores = backbone.score_all(reps.sequence, reps.items)  # [B, V+1]
     return metrics.full_ranking_metrics(scores, targets, exclude)
 
   b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
-  sampled = jax.jit(sampled_fn, in_shardings=(params_shardings, b2, b1, b2), out_shardings=b1)
-  full = jax.jit(full_fn, in_shardings=(params_shardings, b2, b1, b1, b2), out_shardings=b1)
+  sampled = jax.jit(sampled_fn, in_shardings=(params_shardings, b2, b1, b2, b2),
+                    out_shardings=b1)
+  full = jax.jit(full_fn, in_shardings=(params_shardings, b2, b1, b2, b1, b2), out_shardings=b1)
   return sampled, full

@@ -215,3 +215,30 @@ def test_prepared_amazon_folder_loads_without_the_sources(tmp_path):
   assert again.items == ds.items
   with pytest.raises(FileNotFoundError):
     prepare.prepare_or_load("amazon", None, str(tmp_path / "empty"))
+
+
+def test_a_thinned_preparation_keeps_targets_negatives_and_full_counts(tmp_path):
+  from slim_jax.data import sparsity
+  full = prepare.prepare_or_load("synthetic", None, str(tmp_path / "full"))
+  half = prepare.prepare_or_load("synthetic", None, str(tmp_path / "half"), train_fraction=0.5)
+  assert half.num_users == full.num_users
+  for u in range(full.num_users):
+    assert half.sequences[u][-2:].tolist() == full.sequences[u][-2:].tolist()
+    n = len(full.train_prefix(u))
+    assert len(half.train_prefix(u)) == max(1, round(0.5 * n))
+    assert set(half.train_prefix(u).tolist()) <= set(full.train_prefix(u).tolist())
+  negatives = [sequences.load_negatives(prepare.prepared_dir(str(tmp_path / d)))
+               for d in ("full", "half")]
+  for split in sequences.SPLITS:
+    np.testing.assert_array_equal(negatives[0][split], negatives[1][split])
+  counts = np.load(os.path.join(prepare.prepared_dir(str(tmp_path / "half")),
+                                sparsity.FULL_COUNTS_FILE))
+  np.testing.assert_array_equal(counts, sparsity.training_counts(full))
+  assert prepare.load_summary(str(tmp_path / "half"))["train_fraction"] == 0.5
+  # Another fraction on the same folder prepares it again.
+  again = prepare.prepare_or_load("synthetic", None, str(tmp_path / "half"), train_fraction=1.0)
+  assert [s.tolist() for s in again.sequences] == [s.tolist() for s in full.sequences]
+  assert not os.path.exists(os.path.join(prepare.prepared_dir(str(tmp_path / "half")),
+                                         sparsity.FULL_COUNTS_FILE))
+  with pytest.raises(ValueError, match="train_fraction"):
+    prepare.prepare_or_load("synthetic", None, str(tmp_path / "bad"), train_fraction=0.0)

@@ -99,7 +99,7 @@ def test_train_batches_cover_every_transition_once_without_leakage():
   assert len(batches) == batcher.num_batches
   seen = []
   for b in batches:
-    for key in ("inputs", "targets", "negatives"):
+    for key in ("inputs", "targets", "negatives", "lengths"):
       assert b[key].shape == (batch, max_len) and b[key].dtype == np.int32
     assert b["users"].shape == (batch,)
     for row in range(batch):
@@ -117,17 +117,41 @@ def test_train_batches_cover_every_transition_once_without_leakage():
       held_out = ds.sequences[u][-2:]
       assert not np.isin(b["inputs"][row], held_out).any()
       assert not np.isin(b["targets"][row], held_out).any()
-      # Negatives: one per position, never an item of the user's whole sequence.
+      # Negatives: one per position, never an item of the user's training prefix.
       assert (b["negatives"][row, first:] > 0).all()
-      assert not np.isin(b["negatives"][row], ds.sequences[u]).any()
-      # Each target is the item that follows its input in the prefix.
+      assert not np.isin(b["negatives"][row], prefix).any()
+      # Each target is the item that follows its input in the prefix; lengths count the
+      # user's items up to the input (the causal rationale rule reads them).
       where = {item: k for k, item in enumerate(prefix)}
-      for x, y in zip(b["inputs"][row, first:], b["targets"][row, first:]):
-        assert where[y] == where[x] + 1
+      assert (b["lengths"][row, :first] == 0).all()
+      for x, y, n in zip(b["inputs"][row, first:], b["targets"][row, first:],
+                         b["lengths"][row, first:]):
+        assert where[y] == where[x] + 1 and n == where[x] + 1
         seen.append((u, where[x]))
   expected = [(u, t) for u in range(ds.num_users) for t in range(len(ds.train_prefix(u)) - 1)]
   assert sorted(seen) == sorted(expected)  # every transition exactly once
   assert batcher.num_transitions == len(expected)
+
+
+def test_negatives_may_be_held_out_items():
+  """Excluding the validation and test items from training negatives would tell the model
+  they are the user's (issue 18, item 7): they are drawn like any unseen item."""
+  ds = _dataset([12] * 40, num_items=14)  # few items: held-out ones get drawn often
+  batcher = sequences.TrainBatcher(ds, 10, 40, seed=0)
+  hits = 0
+  for epoch in range(5):
+    for b in batcher.epoch(epoch):
+      for row, u in enumerate(b["users"]):
+        hits += np.isin(b["negatives"][row], ds.sequences[u][-2:]).sum()
+  assert hits > 0
+
+
+def test_eval_lengths_count_the_whole_history():
+  ds = _dataset([4, 70], num_items=100)
+  negs = sequences.sample_eval_negatives(ds, 10, seed=0)
+  test = sequences.eval_set(ds, "test", negs, max_len=50)
+  assert test.lengths[0].tolist() == [0] * 47 + [1, 2, 3]  # test: prefix + valid item
+  assert test.lengths[1, -1] == 69 and test.lengths[1, 0] == 20  # cut to the last 50
 
 
 def test_windows_keep_the_recent_end_full():

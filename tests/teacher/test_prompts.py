@@ -95,14 +95,10 @@ def test_missing_template_file(tmp_path):
      ("Preferences\nLikes RPGs.", "Nintendo.", "Items\n1. Zelda\n2. Mario\n3. Kirby")),
     ("### Step 1\nlikes RPG\n### Step 2\nNintendo\n### Step 3\nZelda",
      ("likes RPG", "Nintendo", "Zelda")),
-    ("1. Likes RPGs:\n   1. turn-based\n   2. open world\n2. Nintendo, RPG\n3. Zelda, Mario",
-     ("Likes RPGs:\n   1. turn-based\n   2. open world", "Nintendo, RPG", "Zelda, Mario")),
-    ("(1) likes RPG\n(2) Nintendo\n(3) Zelda", ("likes RPG", "Nintendo", "Zelda")),
-    ("**1.** likes RPG\n**2.** Nintendo\n**3.** Zelda", ("likes RPG", "Nintendo", "Zelda")),
     ("STEP ONE: likes RPG\nStep two: Nintendo\nStep Three: Zelda",
      ("likes RPG", "Nintendo", "Zelda")),
-    ("## User preferences\nlikes RPG\n## Recommended brands and categories\nNintendo\n"
-     "## Recommended items\nZelda", ("likes RPG", "Nintendo", "Zelda")),
+    ("Step 1: likes\n1. Star Wars (1977)\n2. Fargo (1996)\nStep 2: Drama\nStep 3: Heat",
+     ("likes\n1. Star Wars (1977)\n2. Fargo (1996)", "Drama", "Heat")),
     ("Step 1: likes RPGs.\nStep 3: Zelda.", ("likes RPGs.", None, "Zelda.")),
     ("Rated 1.5 stars on average.\nStep 2: Nintendo\nStep 3: Zelda",
      (None, "Nintendo", "Zelda")),
@@ -116,6 +112,12 @@ def test_parse_steps_tolerates_real_answer_shapes(response, expected):
 @pytest.mark.parametrize("response", [
     "", "   ", "I cannot help with that.", "Step 1: only one step here.",
     "The user likes RPGs and Nintendo; try Zelda.",
+    # Bare numbering and headings are list slots, not steps (issue 18).
+    "1. Star Wars (1977)\n2. Fargo (1996)\n3. Heat (1995)",
+    "(1) likes RPG\n(2) Nintendo\n(3) Zelda",
+    "**1.** likes RPG\n**2.** Nintendo\n**3.** Zelda",
+    "## User preferences\nlikes RPG\n## Recommended brands and categories\nNintendo\n"
+    "## Recommended items\nZelda",
 ])
 def test_parse_steps_returns_none_without_structure(response):
   assert prompts.parse_steps(response) is None
@@ -128,3 +130,24 @@ def test_prefix_only_even_for_short_users():
                             [np.array([1, 2, 3], np.int64)])
   text = prompts.build_messages(dataset, 0)[-1]["content"]
   assert "Title1" in text and "Title2" not in text and "Title3" not in text
+
+
+def test_training_prompt_stops_at_its_cutoff():
+  dataset = make_dataset(num_users=12, num_items=40)  # distinct items per user
+  for user in range(dataset.num_users):
+    prefix = [int(i) for i in dataset.train_prefix(user)]
+    for kind in prompts.KINDS:
+      c = prompts.cutoff(dataset, user, kind, holdout=5)
+      n = len(prefix)
+      assert c == (n if kind == "eval" else n - min(5, n // 2)) and (kind == "eval" or c < n)
+      text = prompts.build_messages(dataset, user, max_history=100, cutoff=c)[-1]["content"]
+      for i in prefix[c:]:  # items after the cutoff (each appears once per user)
+        assert prompts.describe_item(dataset.item(i)) not in text
+      for i in prefix[:c]:
+        assert prompts.describe_item(dataset.item(i)) in text
+
+
+def test_train_cutoff_keeps_half_of_a_short_prefix():
+  assert prompts.train_cutoff(4, holdout=10) == 2
+  assert prompts.train_cutoff(1, holdout=10) == 1
+  assert prompts.train_cutoff(100, holdout=10) == 90

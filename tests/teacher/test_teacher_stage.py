@@ -69,8 +69,8 @@ def test_killed_run_restarts_with_only_unfinished_users(workdir, tmp_path):
   key = key_of_user(workdir)
   out = run / "rationales" / "teacher.jsonl"
   with FaultServer(lambda key, attempt: "slow", slow_seconds=0.15) as server:
-    process = run_stage(run, server.base_url, "--num_users=40", "--concurrency=2",
-                        "--seed=3", wait=False)
+    process = run_stage(run, server.base_url, "--kinds=eval", "--num_users=40",
+                        "--concurrency=2", "--seed=3", wait=False)
     deadline = time.monotonic() + 90
     while not (out.exists() and len(lines(run)) >= 8):
       assert process.poll() is None, process.communicate()
@@ -83,7 +83,8 @@ def test_killed_run_restarts_with_only_unfinished_users(workdir, tmp_path):
   assert 8 <= len(done) < 40 and len(set(done)) == len(done)
 
   with FaultServer() as server:
-    result = run_stage(run, server.base_url, "--num_users=40", "--concurrency=2", "--seed=3")
+    result = run_stage(run, server.base_url, "--kinds=eval", "--num_users=40",
+                       "--concurrency=2", "--seed=3")
     assert result.returncode == 0, result.stderr
     second_requests = sorted(r.key for r in server.log)
   final = [r["user_id"] for r in lines(run)]
@@ -102,13 +103,14 @@ def test_key_never_appears_in_files_or_output(workdir, tmp_path):
   # A careless endpoint that echoes the Authorization header in its error bodies.
   plan = lambda key, attempt: "500" if attempt == 1 else "ok"
   with FaultServer(plan, secret_echo=True) as server:
-    result = run_stage(run, server.base_url, "--num_users=6", "--verbosity=1",
+    result = run_stage(run, server.base_url, "--kinds=eval", "--num_users=6", "--verbosity=1",
                        "--price=0.5,1.5", key=SECRET)
     assert result.returncode == 0, result.stderr
     assert {r.authorization for r in server.log} == {f"Bearer {SECRET}"}  # the key was used
   assert "retries: 6" in result.stdout.replace("(6 retries", "retries: 6")
   with FaultServer(lambda key, attempt: "401") as server:
-    refused = run_stage(run, server.base_url, "--num_users=12", "--verbosity=1", key=SECRET)
+    refused = run_stage(run, server.base_url, "--kinds=eval", "--num_users=12", "--verbosity=1",
+                        key=SECRET)
   assert refused.returncode == 2 and "HTTP 401" in refused.stderr
   outputs = result.stdout + result.stderr + refused.stdout + refused.stderr
   assert SECRET not in outputs and SECRET[8:30] not in outputs
@@ -137,12 +139,12 @@ def test_a_second_run_on_the_same_workdir_is_refused(workdir, tmp_path):
 def test_duplicate_lines_are_dropped_before_resuming(workdir, tmp_path):
   run = fresh_workdir(workdir, tmp_path)
   with FaultServer() as server:
-    assert run_stage(run, server.base_url, "--num_users=4").returncode == 0
+    assert run_stage(run, server.base_url, "--num_users=4", "--kinds=eval").returncode == 0
     out = run / "rationales" / "teacher.jsonl"
     first_line = out.read_text().splitlines()[0]
     with open(out, "a", encoding="utf-8") as f:
       f.write(first_line + "\n")  # as a crashed copy/merge might leave it
-    result = run_stage(run, server.base_url, "--num_users=4")
+    result = run_stage(run, server.base_url, "--num_users=4", "--kinds=eval")
     assert result.returncode == 0 and len(server.log) == 4
   assert "dropped 1 duplicate" in result.stderr
   assert sorted(r["user_id"] for r in lines(run)) == sorted({r["user_id"] for r in lines(run)})
@@ -169,7 +171,34 @@ def test_changed_settings_are_refused_on_resume(workdir, tmp_path):
     assert result.returncode != 0 and "temperature" in result.stderr
     result = run_stage(run, server.base_url, "--num_users=3", "--max_history=2")
     assert result.returncode != 0 and "max_history" in result.stderr
-    assert len(server.log) == 3
+    assert len(server.log) == 6  # 3 users, an evaluation and a training rationale each
+
+
+def test_written_rationales_never_saw_what_they_are_read_for(workdir, tmp_path):
+  """teacher_train.jsonl: no prompt holds an item at or after its cutoff; teacher.jsonl:
+  no prompt holds a validation or test target (what the written files say, not the code)."""
+  run = fresh_workdir(workdir, tmp_path)
+  dataset = prepare.prepare_or_load("synthetic", None, str(workdir))
+  with FaultServer() as server:
+    result = run_stage(run, server.base_url, "--num_users=30", "--max_history=1000",
+                       "--holdout=4")
+    assert result.returncode == 0, result.stderr
+  described = lambda i: prompts.describe_item(dataset.item(int(i)))  # noqa: E731
+  for source, kind in (("teacher_train", "train"), ("teacher", "eval")):
+    records = rationales.read(str(run / "rationales" / f"{source}.jsonl"))
+    assert len(records) == 30
+    for r in records:
+      u, prompt = r["user_id"], r["messages"][-1]["content"]
+      prefix = dataset.train_prefix(u)
+      assert r["cutoff"] == prompts.cutoff(dataset, u, kind, holdout=4)
+      shown = {line.split(". ", 1)[1] for line in prompt.splitlines() if line[:1].isdigit()}
+      assert shown == {described(i) for i in prefix[:r["cutoff"]]}
+      later = set(prefix[r["cutoff"]:].tolist()) | {dataset.valid_target(u),
+                                                    dataset.test_target(u)}
+      for i in later - set(prefix[:r["cutoff"]].tolist()):  # a repeat may be in both
+        assert described(i) not in shown
+      if kind == "train":
+        assert r["cutoff"] < len(prefix)
 
 
 def test_no_prompt_of_the_prepared_dataset_holds_a_valid_or_test_item(workdir):

@@ -23,7 +23,14 @@ def _workdir(tmp_path):
   items = rng.normal(size=(data.num_items + 1, 8)).astype(np.float32)
   items[0] = 0
   np.save(emb / "items.npy", items)
-  np.save(emb / "student.npy", rng.normal(size=(data.num_users, 8)).astype(np.float32))
+  for name in ("student", "student_train"):
+    np.save(emb / f"{name}.npy", rng.normal(size=(data.num_users, 8)).astype(np.float32))
+    np.save(emb / f"{name}.present.npy", np.ones(data.num_users, bool))
+    np.save(emb / f"{name}.cutoff.npy", np.asarray(
+        [len(data.train_prefix(u)) - (name == "student_train") for u in range(data.num_users)],
+        np.int32))
+  teacher = np.arange(data.num_users) % 3 == 0  # a third of the users have one
+  np.save(emb / "teacher.present.npy", teacher)
   return str(tmp_path), data
 
 
@@ -36,23 +43,31 @@ def _spec(**kw):
 def test_grid_trains_every_cell_with_analyses_then_reuses_them(tmp_path, monkeypatch):
   work, data = _workdir(tmp_path)
   spec = _spec()
-  results, analyses = grid.train_grid(work, spec, log=lambda _: None)
-  assert list(results) == [("gru4rec", "slim"), ("none", "agnostic")]
-  for cell, per_seed in results.items():
-    assert len(per_seed) == 1 and 0.0 <= per_seed[0]["ndcg@10"] <= 1.0
-    (summary,) = analyses[cell]
-    assert 0.0 <= summary["head_share@10"] <= 1.0
-    cold = grid.analysis.cold_users(data, grid.analysis.training_counts(data), 12)
-    assert summary["cold"]["users"] == len(cold) > 0
-    assert 0.0 <= summary["cold"]["ndcg@10"] <= 1.0
+  results = grid.train_grid(work, spec, log=lambda _: None)
+  assert results["format"] == 2 and results["test_users"] == list(range(data.num_users))
+  counts = grid.analysis.training_counts(data)
+  assert results["cold_users"] == grid.analysis.cold_users(data, counts, 12).tolist()
+  assert results["teacher_users"] == list(range(0, data.num_users, 3))
+  keys = [(r["backbone"], r["variant"]) for r in results["rows"]]
+  assert keys == [("gru4rec", "slim"), ("none", "agnostic"), ("none", "most-popular")]
+  for row in results["rows"]:
+    (per_user,) = row["per_user"]
+    assert set(per_user) == {"ndcg@10", "hr@10", "hr@20", "head@10"}
+    assert all(len(v) == data.num_users for v in per_user.values())
+    (test,) = row["test"]
+    np.testing.assert_allclose(np.mean(per_user["ndcg@10"]), test["ndcg@10"], rtol=1e-5)
+    if row["variant"] != "most-popular":
+      (history,) = row["history"]
+      assert row["best_epoch"] == [1] and len(history) == row["epochs_run"][0] == 1
+      assert {"train_loss", "valid/ndcg@10"} <= set(history[0])
   saved = json.loads((tmp_path / "recommend" / "results.json").read_text())
-  assert [(r["backbone"], r["variant"]) for r in saved] == list(results)
+  assert saved == json.loads(json.dumps(results))
 
   def no_training(*args, **kwargs):
     raise AssertionError("a finished seed was trained again")
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)
-  again, again_analyses = grid.train_grid(work, spec, log=lambda _: None)
-  assert again == results and again_analyses == analyses
+  again = grid.train_grid(work, spec, log=lambda _: None)
+  assert again == results and grid.read_results(work, spec) == saved
 
   cases = grid.interpretability_cases(work, spec, {0: {"response": "a rationale"}}, 2)
   assert [c["model"] for c in cases] == ["gru4rec/slim"] * 2
@@ -60,16 +75,48 @@ def test_grid_trains_every_cell_with_analyses_then_reuses_them(tmp_path, monkeyp
   assert len(cases[0]["top10"]) == 10
 
 
-def test_sparsity_runs_keep_their_own_folder(tmp_path):
+def test_most_popular_ranks_by_training_counts(tmp_path):
+  work, data = _workdir(tmp_path)
+  test = sequences.eval_set(data, "test", sequences.load_negatives(
+      prepare.prepared_dir(work)), 10)
+  head = grid.analysis.head_items(grid.analysis.training_counts(data), 0.2)
+  row = grid.most_popular_row(data, test, head, (0, 1))
+  counts = grid.analysis.training_counts(data)
+  scores = counts[test.candidates]  # [U, C]
+  strictly_better = (scores[:, 1:] > scores[:, :1]).sum(1)
+  tied = (scores[:, 1:] == scores[:, :1]).sum(1)
+  for seed_result in row["per_user"]:  # ties broken at random: rank within the tied block
+    hit = np.asarray(seed_result["hr@10"]) > 0
+    assert (hit[strictly_better + tied < 10]).all() and not hit[strictly_better >= 10].any()
+  assert row["per_user"][0] != row["per_user"][1] or not tied.any()
+
+
+def test_an_old_results_file_is_refused(tmp_path):
   work, _ = _workdir(tmp_path)
-  spec = _spec(variants=("backbone",), train_fraction=0.5)
-  assert grid.recommend_dir(work, spec).endswith("recommend_train0.5")
-  grid.train_grid(work, spec, log=lambda _: None)
-  assert os.path.exists(os.path.join(work, "recommend_train0.5", "gru4rec", "backbone",
-                                     "seed_0", "result.json"))
-  assert not os.path.exists(os.path.join(work, "recommend"))
-  with pytest.raises(ValueError, match="train_fraction"):
-    _spec(train_fraction=1.5)
+  path = tmp_path / "recommend" / "results.json"
+  path.parent.mkdir()
+  path.write_text("[]")
+  with pytest.raises(ValueError, match="older recommend stage"):
+    grid.read_results(work, _spec())
+
+
+def test_a_thinned_preparation_keeps_head_and_cold_users_of_the_full_data(tmp_path):
+  work, data = _workdir(tmp_path)
+  full = grid.train_grid(work, _spec(variants=("backbone",)), log=lambda _: None)
+  thinned = tmp_path / "thinned"
+  counts = grid.analysis.training_counts(data)
+  half = grid.analysis.thin_training(data, 0.5)
+  dataset_lib.save(half, prepare.prepared_dir(str(thinned)))
+  sequences.save_negatives(prepare.prepared_dir(str(thinned)),
+                           sequences.load_negatives(prepare.prepared_dir(work)))
+  np.save(os.path.join(prepare.prepared_dir(str(thinned)), grid.sparsity.FULL_COUNTS_FILE),
+          counts)
+  os.symlink(tmp_path / "embeddings", thinned / "embeddings")
+  np.testing.assert_array_equal(grid.full_training_counts(str(thinned), half), counts)
+  result = grid.train_grid(str(thinned), _spec(variants=("backbone",)), log=lambda _: None)
+  assert result["cold_users"] == full["cold_users"]
+  own = grid.analysis.cold_users(half, grid.analysis.training_counts(half), 12).tolist()
+  assert own != full["cold_users"]  # what recomputing from the thinned data would give
 
 
 def test_a_seed_made_under_another_fingerprint_is_trained_again(tmp_path, monkeypatch):
