@@ -49,6 +49,12 @@ from slim_jax.recommenders.rationale_table import RationaleTable
 from slim_jax.recommenders.sasrec import SASRecBlock, SASRecConfig
 
 _NORMAL = nn.initializers.normal(stddev=0.02)
+# g_l and g_f keep the scale of their inputs (variance 1/fan_in). With normal(0.02) both the
+# user and the item vectors went through g_f at 1/20 of their scale, and on the default
+# preset's 120 users a third of the seeds of every rationale row stopped on the popularity
+# plateau at epoch 1-2 (SLIM on GRU4Rec, seed 1: test NDCG@10 0.131; with this init 0.364,
+# beside backbone+ 0.359).
+_FUSION_INIT = nn.initializers.lecun_normal()
 
 
 class Frozen:
@@ -89,8 +95,8 @@ class SlimIDBased(nn.Module):
                all_positions: bool = False) -> Representations:
     z_id = self.backbone.item_embeddings()  # [V+1, D]
     d = z_id.shape[-1]
-    g_l = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_NORMAL, name="g_l")
-    g_f = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_NORMAL, name="g_f")
+    g_l = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_FUSION_INIT, name="g_l")
+    g_f = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_FUSION_INIT, name="g_f")
     item_text = jnp.asarray(self.item_text.array)  # [V+1, Dt]
     items = masked_item_table(g_f(jnp.concatenate([g_l(item_text), z_id], -1)))  # [V+1, D]
     encode = self.backbone.encode if all_positions else self.backbone.encode_last
