@@ -31,7 +31,10 @@ LENGTHS = np.where(INPUTS > 0, np.cumsum(INPUTS > 0, axis=1) + OFFSETS[:, None],
 # Per user: a training rationale and an evaluation one (cutoffs inside and past each row).
 CUTOFFS = np.asarray([[3, 7], [9, 14], [2, 6]])
 
-_CASES = [(v, b) for v in slim.VARIANTS if not slim.is_id_agnostic(v)
+# Every variant on SASRec and SLIM on every backbone in the fast suite; the other
+# (variant, backbone) pairs are slow (-m slow).
+_CASES = [(v, b) if b == "sasrec" or v == "slim" else pytest.param(v, b, marks=pytest.mark.slow)
+          for v in slim.VARIANTS if not slim.is_id_agnostic(v)
           for b in ("gru4rec", "sasrec", "srgnn")] + [
               (v, "sasrec") for v in slim.VARIANTS if slim.is_id_agnostic(v)]
 
