@@ -25,7 +25,18 @@ from slim_jax.recommenders.backbone import padding_mask
 NEVER = np.iinfo(np.int32).max  # the cutoff of a missing rationale: no position sees it
 
 
-class RationaleTable:
+class ModuleConstant:
+  """A numpy payload a flax module carries as a field: hashed and compared by identity (a
+  module's fields must hash; arrays do not), never a parameter."""
+
+  def __hash__(self) -> int:
+    return id(self)
+
+  def __eq__(self, other) -> bool:
+    return self is other
+
+
+class RationaleTable(ModuleConstant):
   """Frozen per-user rationale vectors [U, K, Dt] and cutoffs [U, K], K sorted by cutoff.
 
   A constant of the module that holds it (hashed by identity, never a parameter)."""
@@ -76,12 +87,6 @@ class RationaleTable:
         perm = rng.permutation(u)
     cutoffs = np.where(self.present & self.present[perm], self.cutoffs, NEVER)
     return RationaleTable(self.vectors[perm], cutoffs)
-
-  def __hash__(self) -> int:
-    return id(self)
-
-  def __eq__(self, other) -> bool:
-    return self is other
 
   def __repr__(self) -> str:
     return f"RationaleTable(users={self.num_users}, kinds={self.vectors.shape[1]})"

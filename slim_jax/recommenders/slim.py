@@ -45,7 +45,7 @@ from slim_jax.recommenders import backbone as backbone_lib
 from slim_jax.recommenders import rationale_table
 from slim_jax.recommenders import registry
 from slim_jax.recommenders.backbone import Representations, masked_item_table, padding_mask
-from slim_jax.recommenders.rationale_table import RationaleTable
+from slim_jax.recommenders.rationale_table import ModuleConstant, RationaleTable
 from slim_jax.recommenders.sasrec import SASRecBlock, SASRecConfig
 
 _NORMAL = nn.initializers.normal(stddev=0.02)
@@ -57,7 +57,7 @@ _NORMAL = nn.initializers.normal(stddev=0.02)
 _FUSION_INIT = nn.initializers.lecun_normal()
 
 
-class Frozen:
+class Frozen(ModuleConstant):
   """A numpy array carried by a module as a constant (hashed by identity, never a param)."""
 
   def __init__(self, array: np.ndarray):
@@ -66,12 +66,6 @@ class Frozen:
   @property
   def shape(self) -> tuple[int, ...]:
     return self.array.shape
-
-  def __hash__(self) -> int:
-    return id(self)
-
-  def __eq__(self, other) -> bool:
-    return self is other
 
   def __repr__(self) -> str:
     return f"Frozen(shape={self.array.shape})"
