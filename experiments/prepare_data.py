@@ -30,7 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; the data goes to <w
 _CORE = flags.DEFINE_integer(
     "core", None, "k-core filter on users and items (0: none; users always keep >= 3). "
     "Default: 0 for ml-100k (as RecBole), 5 for amazon and synthetic.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 50, "Maximum sequence length of the models.")
+_MAX_LEN = flags.DEFINE_integer("max_len", prepare.DEFAULT_MAX_LEN, "Maximum sequence length of the models.")
 _SKIP_BAD_LINES = flags.DEFINE_bool(
     "skip_bad_lines", False, "Count, report and skip malformed lines instead of failing.")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the stored evaluation negatives "

@@ -45,10 +45,12 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags, logging  # noqa: E402
 
+from slim_jax import config_flags  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
 from slim_jax.pipeline.presets import PRESETS, STUDENT_BATCH, TEACHER_BATCH  # noqa: E402
 from slim_jax.recommenders import slim  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
+from slim_jax.train import grid  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run folder for every stage.")
 flags.DEFINE_enum("preset", "default", ["smoke", "default", "full"], "Budget preset.")
@@ -68,10 +70,15 @@ flags.DEFINE_integer("max_users", None, "Keep a uniform sample of this many user
 flags.DEFINE_float("train_fraction", 1.0, "Sparsity analysis: thin each user's training "
                    "interactions to this fraction at preparation, so every stage works from "
                    "the thinned histories; use a --workdir of its own.")
-flags.DEFINE_float("head_share", 0.2, "Popularity analysis: the most popular share of items "
-                   "counted as head items.")
-flags.DEFINE_integer("cold_max_count", 5, "Cold-start analysis: test users whose held-out "
-                     "item has at most this many training interactions.")
+flags.DEFINE_float("head_share", config_flags.field_default(grid.GridSpec, "head_share"),
+                   "Popularity analysis: the most popular share of items counted as head "
+                   "items.")
+flags.DEFINE_integer("cold_max_count", config_flags.field_default(grid.GridSpec,
+                                                                  "cold_max_count"),
+                     "Cold-start analysis: test users whose held-out item has at most this "
+                     "many training interactions.")
+# flag -> GridSpec field (tests/experiments/test_flag_defaults.py checks the defaults).
+CONFIG_FIELDS = ("head_share", "cold_max_count")
 flags.DEFINE_list("force", [], "Stages to recompute from scratch, with every stage downstream "
                   "of them (prepare, teacher, distill, generate, encode, recommend, report).")
 FLAGS = flags.FLAGS
@@ -164,7 +171,6 @@ def main(argv):
   from slim_jax.pipeline import runner as pipeline  # pylint: disable=import-outside-toplevel
   from slim_jax.pipeline import stages  # pylint: disable=import-outside-toplevel
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
-  from slim_jax.train import grid  # pylint: disable=import-outside-toplevel
   from slim_jax.recommenders import registry  # pylint: disable=import-outside-toplevel
 
   # ---- validate every flag before any work
@@ -252,7 +258,6 @@ def main(argv):
                             max_users=max_users, train_fraction=FLAGS.train_fraction)
 
   def teacher_stage(fingerprint):
-    del fingerprint  # each record keeps its prompt; the stage refuses mixed settings
     from slim_jax.teacher import client  # pylint: disable=import-outside-toplevel
 
     def ask(url: str, model: str, key: str | None) -> None:
@@ -262,7 +267,7 @@ def main(argv):
           dataset=dataset, data_dir=source_dir, num_users=preset.teacher_users,
           max_history=preset.max_history, holdout=preset.holdout)
       try:
-        stats = stages.teacher(layout, config, key)
+        stats = stages.teacher(layout, config, key, fingerprint)
       except (stages.TeacherLocked, client.FatalError, ValueError) as e:
         sys.exit(f"run_slim.py: the teacher stage stopped: {e}")
       print(f"teacher: {stats.users_done} rationales written, {stats.users_skipped} already "

@@ -24,6 +24,18 @@ def default(config: Any, path: str) -> Any:
   return value
 
 
+def field_default(config_class: type, name: str) -> Any:
+  """The default of field `name` of a dataclass that has required fields (no instance)."""
+  for field in dataclasses.fields(config_class):
+    if field.name == name:
+      if field.default is not dataclasses.MISSING:
+        return field.default
+      if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+      raise ValueError(f"{config_class.__name__}.{name} has no default")
+  raise KeyError(f"{config_class.__name__} has no field {name!r}")
+
+
 def override(config: Any, values: Mapping[str, Any]) -> Any:
   """A copy of `config` with each dotted field in `values` replaced (nested dataclasses are
   rebuilt, so their __post_init__ checks run on the new values)."""

@@ -41,6 +41,7 @@ MANIFEST_FILE = "manifest.json"
 DEFAULT_CORE = {"ml-100k": 0, "amazon": 5, "synthetic": 5}  # RecBole's ml-100k: no filter
 DEFAULT_SEED = 0
 DEFAULT_NUM_NEGATIVES = 100
+DEFAULT_MAX_LEN = 50  # the models' maximum sequence length, reported in the summary
 MIN_USER_INTERACTIONS = 3  # one training item, one validation target, one test target
 _FORMAT = 1
 
@@ -86,7 +87,7 @@ def sample_users(users: np.ndarray, max_users: int, seed: int) -> np.ndarray:
   return np.isin(users, chosen)
 
 
-def build(data: raw_lib.RawData, core: int = 5, name: str = "", max_len: int = 50,
+def build(data: raw_lib.RawData, core: int = 5, name: str = "", max_len: int = DEFAULT_MAX_LEN,
           max_users: int = 0, seed: int = DEFAULT_SEED
           ) -> tuple[dataset_lib.SequenceDataset, dict]:
   """Filters, orders and re-indexes raw interactions; returns the dataset and its summary.
@@ -252,7 +253,7 @@ def _load_prepared(out: str, dataset_name: str) -> dataset_lib.SequenceDataset:
 
 
 def prepare_or_load(dataset_name: str, data_dir: str | None, workdir: str, *,
-                    core: int | None = None, max_len: int = 50, skip_bad_lines: bool = False,
+                    core: int | None = None, max_len: int = DEFAULT_MAX_LEN, skip_bad_lines: bool = False,
                     seed: int | None = None, num_negatives: int | None = None,
                     release: str | None = None, category: str | None = None,
                     synthetic_config: synthetic.SyntheticConfig | None = None,

@@ -229,8 +229,9 @@ def _teacher_settings(config: TeacherConfig, template: prompts.PromptTemplate) -
 
 
 def _check_teacher_resume(layout: RunLayout, source: str, current: dict,
-                          requests: list[TeacherRequest]) -> None:
-  """Refuses to mix lines made under another model, sampling, template or data."""
+                          requests: list[TeacherRequest], fingerprint: str) -> None:
+  """Refuses to mix lines made under another model, sampling, template, data or stage
+  fingerprint (a paid rationale is never deleted here: the user decides)."""
   from slim_jax.teacher import rationales  # pylint: disable=import-outside-toplevel
   out, path = layout.rationale_file(source), layout.rationale_manifest(source)
   existing = rationales.by_user(rationales.read(out))
@@ -242,6 +243,13 @@ def _check_teacher_resume(layout: RunLayout, source: str, current: dict,
           f"{out} holds {len(existing)} rationales made with different settings "
           f"({', '.join(changed)} changed; see {path}). Use a new --workdir, restore the "
           "settings, or delete both files to start over.")
+  foreign = sorted(u for u, r in existing.items()
+                   if r.get("fingerprint", fingerprint) != fingerprint)
+  if foreign:
+    raise ValueError(
+        f"{out}: {len(foreign)} lines (users {foreign[:5]}...) were made under another "
+        f"fingerprint than this run's {fingerprint[:12]} (another pipeline run or other "
+        "settings). Use a new --workdir, or delete the file to start over.")
   for request in requests:
     record = existing.get(request.user)
     if record is not None and record["messages"] != request.messages:
@@ -252,19 +260,23 @@ def _check_teacher_resume(layout: RunLayout, source: str, current: dict,
   io.write_json(path, current)
 
 
-def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None):
+def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None,
+            fingerprint: str | None = None):
   """Asks the endpoint for every user of U' and kind not yet in rationales/teacher.jsonl
   (teacher_train.jsonl for the training kind); writes <file>_summary.json per kind;
-  returns the client's Stats summed over kinds. Raises TeacherLocked, ValueError
-  (settings differ from the lines already written) or client.FatalError (the endpoint
-  refuses: a bad key, an unknown model)."""
+  returns the client's Stats summed over kinds. Every line records `fingerprint` (the
+  pipeline stage's; default: the hash of the settings the lines depend on). Raises
+  TeacherLocked, ValueError (settings or fingerprint differ from the lines already
+  written) or client.FatalError (the endpoint refuses: a bad key, an unknown model)."""
   template = teacher_template(config)
   requests = teacher_requests(layout, config, template)
+  fingerprint = fingerprint or io.fingerprint(_teacher_settings(config, template))
   try:
     with io.exclusive_lock(layout.teacher_lock):
       total = None
       for kind, kind_requests in requests.items():
-        stats = _ask_teacher(layout, config, template, kind, kind_requests, api_key)
+        stats = _ask_teacher(layout, config, template, kind, kind_requests, api_key,
+                             fingerprint)
         total = stats if total is None else total.merged(stats)
       return total
   except io.Locked as e:  # only the lock raises it
@@ -273,7 +285,7 @@ def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None):
 
 
 def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, kind: str,
-                 requests: list[TeacherRequest], api_key: str | None):
+                 requests: list[TeacherRequest], api_key: str | None, fingerprint: str):
   """The body of `teacher` for one kind, under its lock."""
   from slim_jax.teacher import client, rationales  # pylint: disable=import-outside-toplevel
   source = prompts.source_name("teacher", kind)
@@ -282,7 +294,8 @@ def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, kind: str,
   if removed:
     logging.warning("%s: dropped %d duplicate lines (the first line of each user is kept)",
                     out, removed)
-  _check_teacher_resume(layout, source, _teacher_settings(config, template), requests)
+  _check_teacher_resume(layout, source, _teacher_settings(config, template), requests,
+                        fingerprint)
   logging.info("asking %s for %d %s rationales (%d users requested, seed %d)",
                config.client.base_url or "OpenAI", len(requests), kind, config.num_users,
                config.seed)
@@ -296,7 +309,8 @@ def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, kind: str,
 
   stats = client.collect([(r.user, r.messages) for r in requests], out, config.client,
                          api_key, progress=progress,
-                         fields={r.user: {"cutoff": r.cutoff} for r in requests})
+                         fields={r.user: {"cutoff": r.cutoff, "fingerprint": fingerprint}
+                                 for r in requests})
   summary = stats.as_dict()
   summary["estimated_cost_usd"] = stats.cost(*config.price)
   summary["price_per_million_tokens"] = {"input": config.price[0], "output": config.price[1]}

@@ -3,8 +3,9 @@
   results = train_grid(workdir, spec)     the results dict, format 2 (slim_jax/claims.py)
 
 For each variant (slim_jax/recommenders/slim.py) on each backbone (ID-agnostic variants
-once, backbone 'none') and each seed, trains with slim_jax/train/loop.py and writes
-`<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each result records
+once, backbone 'none'), trains the seeds not yet done together (slim_jax/train/
+seed_stack.py: one program steps every seed, each as slim_jax/train/loop.py would alone)
+and writes `<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each result records
 the fingerprint it was trained under (the pipeline stage's, else `default_fingerprint`: the
 spec, the prepared data and the embeddings); a seed whose result carries the current
 fingerprint is never retrained, one made under another is deleted, checkpoints included,
@@ -40,7 +41,7 @@ from slim_jax.data import prepare, sequences, sparsity
 from slim_jax.pipeline import layout as layout_lib
 from slim_jax.recommenders import slim
 from slim_jax.recommenders.rationale_table import RationaleTable
-from slim_jax.train import loop, metrics
+from slim_jax.train import loop, metrics, seed_stack
 from slim_jax.train.checkpoints import Checkpointer
 
 RESULTS_FILE = "results.json"
@@ -212,28 +213,35 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
     model = make_model(workdir, spec, data, backbone, variant)
     row = {"backbone": backbone, "variant": variant, "seeds": list(spec.seeds), "test": [],
            "per_user": [], "best_epoch": [], "epochs_run": [], "history": []}
-    for seed in spec.seeds:
-      run_dir = os.path.join(recommend_dir(workdir, spec), backbone, variant, f"seed_{seed}")
-      result = _reusable_result(run_dir, fingerprint)
-      if result is None:
-        config = loop.TrainConfig(loss="bce", epochs=spec.epochs, batch_size=spec.batch,
-                                  patience=spec.patience, eval_batch_size=spec.batch,
-                                  max_len=spec.max_len, seed=seed,
-                                  learning_rate=spec.learning_rate, progress=False)
-        start = time.perf_counter()
-        result = loop.train_and_evaluate(model, data, negatives, config, run_dir,
-                                         name=f"{backbone}/{variant}/{seed}", log=lambda _: None)
-        result["wall_seconds"] = time.perf_counter() - start
+    run_dirs = {seed: os.path.join(recommend_dir(workdir, spec), backbone, variant,
+                                   f"seed_{seed}") for seed in spec.seeds}
+    results = {seed: _reusable_result(run_dirs[seed], fingerprint) for seed in spec.seeds}
+    todo = [seed for seed in spec.seeds if results[seed] is None]
+    if todo:  # the seeds still to train, as one stack (slim_jax/train/seed_stack.py)
+      config = loop.TrainConfig(loss="bce", epochs=spec.epochs, batch_size=spec.batch,
+                                patience=spec.patience, eval_batch_size=spec.batch,
+                                max_len=spec.max_len, learning_rate=spec.learning_rate,
+                                progress=False)
+      start = time.perf_counter()
+      trained = seed_stack.train_and_evaluate_seeds(
+          model, data, negatives, config, todo, [run_dirs[s] for s in todo],
+          name=f"{backbone}/{variant}", log=lambda _: None)
+      wall = time.perf_counter() - start
+      for seed, result in zip(todo, trained):
+        result["wall_seconds"] = wall  # of the whole stack
         result["fingerprint"] = fingerprint
-        result["per_user"] = _per_user(analysis.user_analysis(
-            model, restore_best(run_dir), test, data.num_items, batch_size=spec.batch), head)
-        io.write_json(os.path.join(run_dir, "result.json"), result, indent=1, default=float)
+        result["per_user"] = _per_user({**result.pop("test_per_user"),
+                                        "top": result.pop("test_top")}, head)
+        io.write_json(os.path.join(run_dirs[seed], "result.json"), result, indent=1,
+                      default=float)
+        results[seed] = result
         log(f"  {backbone}/{variant}/seed {seed}: test " + "  ".join(
             f"{k} {v:.4f}" for k, v in result["test"].items())
-            + f"  (best epoch {result['best_epoch']} of {result['epochs_run']}, "
-            f"{result['wall_seconds']:.0f} s)")
+            + f"  (best epoch {result['best_epoch']} of {result['epochs_run']})")
+      log(f"  {backbone}/{variant}: {len(todo)} seeds trained together in {wall:.0f} s")
+    for seed in spec.seeds:
       for key in ("test", "per_user", "best_epoch", "epochs_run", "history"):
-        row[key].append(result[key])
+        row[key].append(results[seed][key])
     rows.append(row)
   rows.append(most_popular_row(data, test, head, spec.seeds))
   results = {"format": 2, "test_users": [int(u) for u in test.users],

@@ -85,9 +85,10 @@ def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
     yield batch, stop - start
 
 
-def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
-             num_items: int, mesh=None) -> dict[str, float]:
-  """Mean ranking metrics of `params` over the users of `eval_set` (a sequences.EvalSet)."""
+def evaluate_per_example(eval_fns, params, eval_set, *, batch_size: int, mode: str,
+                         num_items: int, mesh=None) -> dict[str, np.ndarray]:
+  """{metric: [..., U]} of `params` on each user of `eval_set` (a sequences.EvalSet); the
+  leading axes are those of the eval functions' outputs (none, or seeds when stacked)."""
   sampled, full = eval_fns
   arrays = {"inputs": np.asarray(eval_set.inputs, np.int32),
             "users": np.asarray(eval_set.users, np.int32),
@@ -112,8 +113,16 @@ def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
                     batch["exclude"])
     per_example.append((distributed.to_host(result), real))
     offset += real
-  return {k: float(np.concatenate([np.asarray(r[k])[:real] for r, real in per_example]).mean())
+  return {k: np.concatenate([np.asarray(r[k])[..., :real] for r, real in per_example], axis=-1)
           for k in per_example[0][0]}
+
+
+def evaluate(eval_fns, params, eval_set, *, batch_size: int, mode: str,
+             num_items: int, mesh=None) -> dict[str, float]:
+  """Mean ranking metrics of `params` over the users of `eval_set` (a sequences.EvalSet)."""
+  per_user = evaluate_per_example(eval_fns, params, eval_set, batch_size=batch_size,
+                                  mode=mode, num_items=num_items, mesh=mesh)
+  return {k: float(v.mean()) for k, v in per_user.items()}
 
 
 def train_and_evaluate(model: nn.Module, dataset: SequenceDataset, negatives: dict,

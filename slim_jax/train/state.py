@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from flax.core import meta
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slim_jax import sharding
 
@@ -58,3 +58,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   init = jax.jit(lambda r: meta.unbox(_boxed_state(model, tx, init_args, r)),
                  out_shardings=shardings)
   return init(rng), shardings
+
+
+def create_stacked_train_states(model: nn.Module, tx: optax.GradientTransformation,
+                                init_args: Callable[[], tuple], rngs: jax.Array, mesh: Mesh,
+                                rules=sharding.DEFAULT_RULES) -> tuple[TrainState, Any]:
+  """`create_train_state` for each key of `rngs` [S, 2] at once (one compilation): every
+  leaf gets a leading seed axis [S, ...], unsplit; seed s's values are those
+  `create_train_state(..., rngs[s], ...)` draws. Returns (state, its shardings)."""
+  one = state_shardings(model, tx, init_args, mesh, rules)
+  stacked = jax.tree.map(lambda s: NamedSharding(mesh, PartitionSpec(None, *s.spec)), one)
+  init = jax.jit(jax.vmap(lambda r: meta.unbox(_boxed_state(model, tx, init_args, r))),
+                 out_shardings=stacked)
+  return init(rngs), stacked

@@ -64,9 +64,9 @@ def batch_shardings(mesh: Mesh, ranks: dict[str, int] = TRAIN_BATCH_RANKS) -> di
   return {key: sharding.batch_sharding(mesh, ndim) for key, ndim in ranks.items()}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss: str,
-                    mesh: Mesh, state_shardings: Any) -> Callable:
-  """The jitted train step; the state is donated."""
+def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, loss: str) -> Callable:
+  """The pure train step: (state, batch, rng) -> (state, {"loss", "grad_norm"}), for
+  `make_train_step` (one model) and slim_jax/train/seed_stack.py (seeds vmapped)."""
   if loss not in LOSSES:
     raise ValueError(f"--loss={loss!r} is not one of {LOSSES}")
 
@@ -87,20 +87,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss: st
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
+  return train_step
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss: str,
+                    mesh: Mesh, state_shardings: Any) -> Callable:
+  """The jitted train step; the state is donated."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step,
+  return jax.jit(train_step_fn(model, tx, loss),
                  in_shardings=(state_shardings, batch_shardings(mesh), replicated),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
 
 
-def make_eval_fns(model: nn.Module, mesh: Mesh, params_shardings: Any
-                  ) -> tuple[Callable, Callable]:
-  """(sampled, full): jitted scoring plus per-example metrics, the batch split over the mesh.
-
-  sampled(params, inputs [B, L], users [B], lengths [B, L], candidates [B, C]) -> {metric: [B]}
-  full(params, inputs, users, lengths, targets [B], exclude [B, V+1]) -> {metric: [B]}
-  """
+def eval_step_fns(model: nn.Module) -> tuple[Callable, Callable]:
+  """The pure (sampled, full) scoring functions of `make_eval_fns`."""
 
   def represent(params, inputs, users, lengths):
     return model.apply({"params": params}, inputs, users, lengths, deterministic=True,
@@ -116,6 +117,17 @@ def make_eval_fns(model: nn.Module, mesh: Mesh, params_shardings: Any
     scores = backbone.score_all(reps.sequence, reps.items)  # [B, V+1]
     return metrics.full_ranking_metrics(scores, targets, exclude)
 
+  return sampled_fn, full_fn
+
+
+def make_eval_fns(model: nn.Module, mesh: Mesh, params_shardings: Any
+                  ) -> tuple[Callable, Callable]:
+  """(sampled, full): jitted scoring plus per-example metrics, the batch split over the mesh.
+
+  sampled(params, inputs [B, L], users [B], lengths [B, L], candidates [B, C]) -> {metric: [B]}
+  full(params, inputs, users, lengths, targets [B], exclude [B, V+1]) -> {metric: [B]}
+  """
+  sampled_fn, full_fn = eval_step_fns(model)
   b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
   sampled = jax.jit(sampled_fn, in_shardings=(params_shardings, b2, b1, b2, b2),
                     out_shardings=b1)

@@ -174,6 +174,25 @@ def test_changed_settings_are_refused_on_resume(workdir, tmp_path):
     assert len(server.log) == 6  # 3 users, an evaluation and a training rationale each
 
 
+def test_every_line_records_its_fingerprint_and_foreign_lines_are_refused(workdir, tmp_path):
+  run = fresh_workdir(workdir, tmp_path)
+  with FaultServer() as server:
+    assert run_stage(run, server.base_url, "--num_users=3").returncode == 0
+    for source in ("teacher", "teacher_train"):
+      prints = {r.get("fingerprint") for r in rationales.read(
+          str(run / "rationales" / f"{source}.jsonl"))}
+      assert len(prints) == 1 and None not in prints
+    out = run / "rationales" / "teacher.jsonl"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records[1]["fingerprint"] = "0" * 64  # a line another run wrote
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = out.read_bytes()
+    result = run_stage(run, server.base_url, "--num_users=3")
+    assert result.returncode != 0 and "another fingerprint" in result.stderr
+    assert "teacher.jsonl" in result.stderr and out.read_bytes() == before
+    assert len(server.log) == 6
+
+
 def test_written_rationales_never_saw_what_they_are_read_for(workdir, tmp_path):
   """teacher_train.jsonl: no prompt holds an item at or after its cutoff; teacher.jsonl:
   no prompt holds a validation or test target (what the written files say, not the code)."""

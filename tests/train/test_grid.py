@@ -9,7 +9,7 @@ import pytest
 from planted import planted_dataset
 from slim_jax.data import dataset as dataset_lib
 from slim_jax.data import prepare, sequences
-from slim_jax.train import grid, loop
+from slim_jax.train import grid, loop, seed_stack
 
 
 def _workdir(tmp_path):
@@ -128,8 +128,8 @@ def test_a_seed_made_under_another_fingerprint_is_trained_again(tmp_path, monkey
   assert first["fingerprint"] == grid.default_fingerprint(work, spec)
 
   trained = []
-  real = loop.train_and_evaluate
-  monkeypatch.setattr(loop, "train_and_evaluate",
+  real = seed_stack.train_and_evaluate_seeds
+  monkeypatch.setattr(seed_stack, "train_and_evaluate_seeds",
                       lambda *a, **k: trained.append(a[3].epochs) or real(*a, **k))
   # New embeddings: same spec, other inputs, so the old result is stale.
   np.save(tmp_path / "embeddings" / "student.npy",
