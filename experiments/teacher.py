@@ -53,7 +53,12 @@ flags.DEFINE_float("top_p", _C.top_p, "Nucleus sampling mass.")
 flags.DEFINE_integer("max_tokens", _C.max_tokens, "Most tokens in one rationale.")
 flags.DEFINE_integer("concurrency", _C.concurrency, "Requests in flight at once.")
 flags.DEFINE_float("timeout", _C.timeout, "Seconds before a request counts as timed out.")
-flags.DEFINE_integer("max_retries", _C.max_retries, "Retries per user on 429/5xx/timeouts/drops.")
+flags.DEFINE_integer("max_retries", _C.max_retries,
+                     "Retries per user on 429/408/409/5xx/timeouts/drops/malformed bodies.")
+flags.DEFINE_integer("max_server_error_retries", _C.max_server_error_retries,
+                     "Of those, at most this many on 5xx answers.")
+flags.DEFINE_bool("allow_insecure_key", _C.allow_insecure_key,
+                  "Send OPENAI_API_KEY over plain http to a non-loopback host.")
 flags.DEFINE_float("backoff_initial", _C.backoff_initial,
                    "First retry wait in seconds (doubles, jittered).")
 flags.DEFINE_float("backoff_max", _C.backoff_max, "Longest backoff wait in seconds.")
@@ -61,7 +66,9 @@ flags.DEFINE_float("backoff_max", _C.backoff_max, "Longest backoff wait in secon
 CONFIG_FIELDS = {"teacher_model": "model", "temperature": "temperature", "top_p": "top_p",
                  "max_tokens": "max_tokens", "concurrency": "concurrency",
                  "timeout": "timeout", "max_retries": "max_retries",
-                 "backoff_initial": "backoff_initial", "backoff_max": "backoff_max"}
+                 "backoff_initial": "backoff_initial", "backoff_max": "backoff_max",
+                 "max_server_error_retries": "max_server_error_retries",
+                 "allow_insecure_key": "allow_insecure_key"}
 flags.DEFINE_string("price", "0,0", "USD per million tokens, 'INPUT,OUTPUT' (or one number for "
                     "both), for the cost estimate.")
 flags.DEFINE_bool("dry_run", False, "Print a sample prompt and token counts; call nothing.")
@@ -135,6 +142,7 @@ def print_summary(stats, price: tuple[float, float]) -> None:
       f"{dict(stats.retries_by_cause) or 'none'})",
       f"failures: {dict(stats.failures_by_cause) or 'none'}",
       f"unparsed rationales (kept, steps=null): {stats.parse_failures}",
+      f"cut by max_tokens (kept, finish_reason=length): {stats.cut_by_length}",
       f"tokens: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion",
       f"estimated cost: ${stats.cost(*price):.4f}",
       f"time: {stats.seconds:.1f}s",
@@ -160,7 +168,9 @@ def main(argv):
           temperature=FLAGS.temperature, top_p=FLAGS.top_p, max_tokens=FLAGS.max_tokens,
           seed=FLAGS.seed, timeout=FLAGS.timeout, max_retries=FLAGS.max_retries,
           concurrency=FLAGS.concurrency, backoff_initial=FLAGS.backoff_initial,
-          backoff_max=FLAGS.backoff_max),
+          backoff_max=FLAGS.backoff_max,
+          max_server_error_retries=FLAGS.max_server_error_retries,
+          allow_insecure_key=FLAGS.allow_insecure_key),
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, num_users=FLAGS.num_users,
       seed=FLAGS.seed, max_history=FLAGS.max_history, template=FLAGS.template,
       price=parse_price(FLAGS.price), holdout=FLAGS.holdout, kinds=tuple(FLAGS.kinds))

@@ -5,13 +5,20 @@ appends each answer to a JSONL file as soon as it arrives (`rationales.Appender`
 complete, fsynced line per user) and skips users the file already holds, so a run that dies
 loses nothing and a rerun asks only for the users not yet done.
 
-Retries are ours, not the `openai` package's (its `max_retries` is 0), so they are counted:
-429, 408, 409 and 5xx answers, timeouts, dropped connections and malformed bodies are retried
-with exponential backoff and full jitter; a `Retry-After` (or `retry-after-ms`) header sets
-the wait instead. 401/403/404 stop the run (every request would fail the same way); any other
-4xx fails that user only. Failed users are not written, so the next run asks again.
+Retries are ours, not the `openai` package's (its `max_retries` is 0), so they are counted,
+and only what can succeed on a retry is retried: 429 rate limits, 408, 409, timeouts,
+dropped connections and malformed bodies (up to `max_retries`), and 5xx answers (up to
+`max_server_error_retries`: a deterministic server bug fails the same way every time),
+with exponential backoff and full jitter (uniform in [0, ceiling]); a `Retry-After` (or
+`retry-after-ms`) header sets the wait instead. A 429 `insufficient_quota`, 400, 401, 403,
+404 and 422 stop the run with the server's message (every further request would fail the
+same way, or cost money for nothing); any other 4xx fails that user only; an exception of
+our own (a bug) stops the run unretried. Failed users are not written, so the next run
+asks again. Answers cut by `max_tokens` (`finish_reason: length`) are counted
+(`Stats.cut_by_length`) and recorded with their finish reason.
 
-The API key never leaves the client: every message this module logs or raises goes through
+The API key never leaves the client: it is sent only over https or to a loopback address
+(unless `allow_insecure_key`), and every message this module logs or raises goes through
 `redact`, which removes the key even when an endpoint echoes it back.
 """
 
@@ -25,6 +32,7 @@ import json
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 
 import openai
@@ -32,7 +40,13 @@ import openai
 from slim_jax.teacher import rationales
 
 RETRY_STATUS = frozenset({408, 409, 429})
-FATAL_STATUS = frozenset({401, 403, 404})
+FATAL_STATUS = frozenset({400, 401, 403, 404, 422})
+FATAL_HINTS = {400: "the endpoint rejects the request itself: check --teacher_model, "
+                    "--max_tokens and the prompt template",
+               401: "check OPENAI_API_KEY", 403: "the key may not have access to this model",
+               404: "check --teacher_base_url (it usually ends in /v1) and --teacher_model",
+               422: "the endpoint cannot process the request as sent"}
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 NO_KEY = "EMPTY"  # what local servers (vLLM, llama.cpp, ours) accept when no key is set
 
 
@@ -47,16 +61,19 @@ class ClientConfig:
   seed: int | None = None  # sent to the endpoint; OpenAI treats it as best effort
   timeout: float = 120.0  # seconds per request
   max_retries: int = 8  # per user, after the first attempt
+  max_server_error_retries: int = 3  # per user, of those on a 5xx answer
   concurrency: int = 8
   backoff_initial: float = 1.0  # seconds; doubles per retry, full jitter
   backoff_max: float = 60.0
   max_retry_after: float = 600.0  # longer Retry-After waits are cut to this
+  allow_insecure_key: bool = False  # send the key over plain http to a non-loopback host
 
   def __post_init__(self):
     if self.concurrency < 1:
       raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-    if self.max_retries < 0:
-      raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+    if self.max_retries < 0 or self.max_server_error_retries < 0:
+      raise ValueError(f"max_retries and max_server_error_retries must be >= 0, got "
+                       f"{self.max_retries} and {self.max_server_error_retries}")
     if self.max_tokens < 1:
       raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -73,6 +90,7 @@ class Stats:
   retries_by_cause: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   failures_by_cause: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   parse_failures: int = 0  # rationales whose steps could not be found (kept, steps=null)
+  cut_by_length: int = 0  # answers cut by max_tokens (finish_reason 'length'; kept, marked)
   prompt_tokens: int = 0
   completion_tokens: int = 0
   seconds: float = 0.0
@@ -97,6 +115,10 @@ class Stats:
 
 class FatalError(RuntimeError):
   """An error every further request would hit too (bad key, unknown model or endpoint)."""
+
+
+class MalformedResponse(ValueError):
+  """The endpoint answered 200 with a body that is not a usable chat completion."""
 
 
 class _Retryable(Exception):
@@ -156,7 +178,7 @@ def backoff_delay(attempt: int, config: ClientConfig, rng: random.Random,
   if retry_after is not None:
     return min(retry_after, config.max_retry_after) + rng.uniform(0, 0.05 * max(retry_after, 0.1))
   ceiling = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
-  return rng.uniform(0.5 * ceiling, ceiling)
+  return rng.uniform(0.0, ceiling)  # full jitter
 
 
 def _classify(error: Exception, key: str | None) -> Exception:
@@ -168,30 +190,57 @@ def _classify(error: Exception, key: str | None) -> Exception:
   if isinstance(error, openai.APIStatusError):
     status = error.status_code
     message = redact(f"HTTP {status}: {getattr(error, 'message', error)}", key)
-    if status in RETRY_STATUS or status >= 500:
-      cause = "429" if status == 429 else ("5xx" if status >= 500 else str(status))
-      return _Retryable(cause, message, parse_retry_after(error.response.headers))
+    if status == 429 and _error_code(error) == "insufficient_quota":
+      return FatalError(f"{message} (the account's quota is used up: add credit or use "
+                        "another key; retrying would not help)")
+    if status in RETRY_STATUS:
+      return _Retryable("429" if status == 429 else str(status), message,
+                        parse_retry_after(error.response.headers))
+    if status >= 500:
+      return _Retryable("5xx", message, parse_retry_after(error.response.headers))
     if status in FATAL_STATUS:
-      hint = {401: "check OPENAI_API_KEY", 403: "the key may not have access to this model",
-              404: "check --teacher_base_url (it usually ends in /v1) and --teacher_model"}
-      return FatalError(f"{message} ({hint[status]})")
+      return FatalError(f"{message} ({FATAL_HINTS[status]})")
     return _Permanent(f"http_{status}", message)
-  if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError,
-                        TypeError, AttributeError, KeyError, IndexError)):
+  if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError,
+                        MalformedResponse)):
     return _Retryable("malformed", redact(f"malformed response: {type(error).__name__}: "
                                           f"{error}", key))
-  return error
+  return error  # ours: a bug, raised as it is
+
+
+def _error_code(error: "openai.APIStatusError") -> str | None:
+  """The OpenAI error body's `code` (or `type`), e.g. 'insufficient_quota'."""
+  body = getattr(error, "body", None)
+  if isinstance(body, dict):
+    inner = body.get("error", body)
+    if isinstance(inner, dict):
+      return inner.get("code") or inner.get("type")
+  return getattr(error, "code", None)
+
+
+def check_key_transport(config: ClientConfig, key: str | None) -> None:
+  """Refuses to send a real key in the clear: only https or a loopback address, unless
+  `allow_insecure_key`. The message never holds the key."""
+  if not key or key == NO_KEY or config.allow_insecure_key or config.base_url is None:
+    return
+  url = urllib.parse.urlsplit(config.base_url)
+  if url.scheme == "https" or (url.hostname or "") in LOOPBACK_HOSTS:
+    return
+  raise FatalError(f"refusing to send OPENAI_API_KEY to {url.scheme}://{url.hostname}: "
+                   "only https or a loopback address get the key. Use https, unset "
+                   "OPENAI_API_KEY for a server that needs none, or pass "
+                   "--allow_insecure_key if the network is trusted.")
 
 
 def _unpack(completion) -> tuple[str, str, int | None, int | None, str | None]:
   """(text, model, prompt_tokens, completion_tokens, finish_reason); raises on a bad body."""
-  choices = completion.choices
+  choices = getattr(completion, "choices", None)
   if not choices:
-    raise ValueError("the response has no choices")
+    raise MalformedResponse("the response has no choices")
   choice = choices[0]
-  text = choice.message.content
+  text = getattr(getattr(choice, "message", None), "content", None)
   if not isinstance(text, str):
-    raise ValueError("the response's message has no text content")
+    raise MalformedResponse("the response's message has no text content")
   usage = getattr(completion, "usage", None)
   prompt_tokens = getattr(usage, "prompt_tokens", None) if usage is not None else None
   completion_tokens = getattr(usage, "completion_tokens", None) if usage is not None else None
@@ -203,7 +252,7 @@ async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id
                        messages: list[dict], stats: Stats, key: str | None,
                        rng: random.Random) -> dict | None:
   """One user's record, retrying; None if it failed for good (counted in `stats`)."""
-  attempt = 0
+  attempt = server_errors = 0
   while True:
     stats.requests += 1
     try:
@@ -217,7 +266,8 @@ async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id
         raise _classify(e, key) from None
     except _Retryable as e:
       attempt += 1
-      if attempt > config.max_retries:
+      server_errors += e.cause == "5xx"
+      if attempt > config.max_retries or server_errors > config.max_server_error_retries:
         stats.users_failed += 1
         stats.failures_by_cause[e.cause] += 1
         logging.warning("user %d: giving up after %d attempts (last: %s)", user_id, attempt,
@@ -242,6 +292,8 @@ async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id
     stats.completion_tokens += completion_tokens or 0
     if record["steps"] is None:
       stats.parse_failures += 1
+    if finish == "length":
+      stats.cut_by_length += 1
     return record
 
 
@@ -284,9 +336,12 @@ def collect(requests: Sequence[tuple[int, list[dict]]], out_path: str, config: C
   """Asks the endpoint for every (user_id, messages) not yet in `out_path`; returns counts.
   `fields[user_id]` is added to that user's record (the rationale's cutoff).
 
-  Users already in the file are skipped. Raises FatalError (key redacted) when the endpoint
-  refuses every request (401/403/404); lines written before that stay.
+  Users already in the file are skipped. Raises FatalError (key redacted) before any
+  request when the key would travel in the clear, and when the endpoint refuses in a way
+  every request would repeat (400/401/403/404/422, 429 insufficient_quota); lines written
+  before that stay.
   """
+  check_key_transport(config, api_key)
   stats = Stats()
   start = time.perf_counter()
   user_ids = [u for u, _ in requests]

@@ -2,8 +2,9 @@
 
 `FaultServer` speaks just enough of the OpenAI chat-completions API for the real `openai`
 client. A `plan(key, attempt)` callable picks, per request, what the server does: answer,
-429 with Retry-After, 500, answer too slowly, send malformed JSON, drop the connection, or
-refuse the key (echoing it, as careless endpoints do). Every request is logged with the
+429 with Retry-After, 429 insufficient_quota, 500, answer too slowly or cut by max_tokens,
+send malformed JSON, drop the connection, or refuse the key (echoing it, as careless
+endpoints do). Every request is logged with the
 prompt's user message (`key`), the attempt number and the time, so tests can count
 requests per user and check waits.
 """
@@ -133,6 +134,10 @@ class FaultServer:
       error(500, "internal error" + echo)
     elif action == "400":
       error(400, "context too long")
+    elif action == "quota":
+      send(429, json.dumps({"error": {"message": "You exceeded your current quota",
+                                      "type": "insufficient_quota", "param": None,
+                                      "code": "insufficient_quota"}}).encode())
     elif action == "401":
       error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}")
     elif action == "malformed":
@@ -150,7 +155,7 @@ class FaultServer:
       payload = {
           "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
           "model": body["model"],
-          "choices": [{"index": 0, "finish_reason": "stop",
+          "choices": [{"index": 0, "finish_reason": "length" if action == "cut" else "stop",
                        "message": {"role": "assistant", "content": text}}],
           "usage": {"prompt_tokens": len(key) // 4, "completion_tokens": len(text) // 4,
                     "total_tokens": len(key) // 4 + len(text) // 4},

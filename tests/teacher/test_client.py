@@ -91,15 +91,76 @@ def test_gives_up_after_max_retries_and_a_rerun_asks_only_for_the_failed(tmp_pat
   assert sorted(r["user_id"] for r in rationales.read(out)) == list(range(6))
 
 
-def test_bad_request_fails_that_user_only_without_retrying(tmp_path):
+@pytest.mark.parametrize("action,message", [
+    ("400", "HTTP 400: .*context too long"),
+    ("quota", "HTTP 429: .*You exceeded your current quota.*quota is used up")])
+def test_requests_that_cannot_succeed_stop_the_run_unretried(tmp_path, action, message):
   requests = requests_for(4)
   bad = key_of(requests[1][1])
   out = str(tmp_path / "teacher.jsonl")
-  with FaultServer(lambda key, attempt: "400" if key == bad else "ok") as server:
+  with FaultServer(lambda key, attempt: action if key == bad else "ok") as server:
+    with pytest.raises(client.FatalError, match=message):
+      client.collect(requests, out, fast_config(server.base_url, concurrency=1), None)
+  assert server.requests_per_key()[bad] == 1  # never retried
+  assert rationales.done_users(out) == {0}  # what came before stays
+
+
+def test_server_errors_are_retried_a_bounded_number_of_times(tmp_path):
+  requests = requests_for(2)
+  broken = key_of(requests[0][1])
+  out = str(tmp_path / "teacher.jsonl")
+  with FaultServer(lambda key, attempt: "500" if key == broken else "ok") as server:
+    config = fast_config(server.base_url, max_retries=6, max_server_error_retries=2)
+    stats = client.collect(requests, out, config, None)
+  assert server.requests_per_key()[broken] == 3  # the first try and 2 retries, not 7
+  assert stats.failures_by_cause == {"5xx": 1} and rationales.done_users(out) == {1}
+
+
+def test_our_own_bugs_are_not_retried(tmp_path, monkeypatch):
+  def broken_unpack(completion):
+    raise TypeError("a bug in our code")
+  monkeypatch.setattr(client, "_unpack", broken_unpack)
+  out = str(tmp_path / "teacher.jsonl")
+  with FaultServer() as server:
+    with pytest.raises(TypeError, match="a bug in our code"):
+      client.collect(requests_for(1), out, fast_config(server.base_url), None)
+  assert len(server.log) == 1
+
+
+def test_answers_cut_by_max_tokens_are_counted_and_marked(tmp_path):
+  requests = requests_for(3)
+  cut = key_of(requests[2][1])
+  out = str(tmp_path / "teacher.jsonl")
+  with FaultServer(lambda key, attempt: "cut" if key == cut else "ok") as server:
     stats = client.collect(requests, out, fast_config(server.base_url), None)
-  assert server.requests_per_key()[bad] == 1
-  assert stats.failures_by_cause == {"http_400": 1} and stats.retries == 0
-  assert rationales.done_users(out) == {0, 2, 3}
+  assert stats.cut_by_length == 1 and stats.as_dict()["cut_by_length"] == 1
+  by_user = rationales.by_user(rationales.read(out))
+  assert [by_user[u]["finish_reason"] for u in range(3)] == ["stop", "stop", "length"]
+
+
+@pytest.mark.parametrize("url,allowed", [
+    ("http://teacher.example.com/v1", False), ("http://10.0.0.5:8000/v1", False),
+    ("https://teacher.example.com/v1", True), ("http://127.0.0.1:9/v1", True),
+    ("http://localhost:9/v1", True)])
+def test_the_key_travels_only_over_https_or_to_loopback(url, allowed):
+  config = client.ClientConfig(base_url=url)
+  if allowed:
+    client.check_key_transport(config, SECRET)
+  else:
+    with pytest.raises(client.FatalError, match="allow_insecure_key") as info:
+      client.check_key_transport(config, SECRET)
+    assert SECRET not in str(info.value)
+    client.check_key_transport(client.ClientConfig(base_url=url, allow_insecure_key=True),
+                               SECRET)
+  client.check_key_transport(config, None)  # no key: nothing to protect
+
+
+def test_an_insecure_key_is_refused_before_any_request(tmp_path):
+  with FaultServer() as server:
+    url = server.base_url.replace("127.0.0.1", "0.0.0.0")  # not loopback by name
+    with pytest.raises(client.FatalError, match="refusing to send"):
+      client.collect(requests_for(2), str(tmp_path / "t.jsonl"), fast_config(url), SECRET)
+  assert server.log == []
 
 
 def test_bad_key_stops_the_run_and_the_error_hides_the_key(tmp_path, caplog):
@@ -149,5 +210,8 @@ def test_retry_after_parsing_and_backoff_bounds():
   for attempt in range(1, 8):
     delay = client.backoff_delay(attempt, config, rng, None)
     ceiling = min(8.0, 2 ** (attempt - 1))
-    assert 0.5 * ceiling <= delay <= ceiling
+    assert 0.0 <= delay <= ceiling
+  # Full jitter: the waits spread over the whole [0, ceiling], not only its upper half.
+  waits = [client.backoff_delay(4, config, rng, None) for _ in range(200)]
+  assert min(waits) < 0.25 * 8.0 and max(waits) > 0.75 * 8.0
   assert 5.0 <= client.backoff_delay(1, config, rng, 5.0) <= 5.3
