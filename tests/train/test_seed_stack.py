@@ -58,7 +58,8 @@ def test_first_steps_of_the_stack_equal_each_seed_alone():
                          alone[1]["backbone"]["item_embedding"]["embedding"])
 
 
-@pytest.mark.parametrize("patience", [1, 20])
+# patience 20 (no seed stops) is slow-marked: the fast suite sat at 30 minutes with it.
+@pytest.mark.parametrize("patience", [1, pytest.param(20, marks=pytest.mark.slow)])
 def test_whole_runs_equal_each_seed_alone(tmp_path, patience):
   """patience 1: seeds stop at different epochs, the stack shrinks; 20: none stops early."""
   data = planted_dataset(num_users=64, num_items=80, seed=1)
