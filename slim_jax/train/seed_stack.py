@@ -200,15 +200,14 @@ def _top_items(model: nn.Module, params: Any, test_set: sequences.EvalSet, num_i
   fn = jax.jit(jax.vmap(top, in_axes=(0, None, None, None, None)),
                in_shardings=(params_shardings, b2, b1, b2, b2),
                out_shardings=NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None)))
-  parts = []
-  for start in range(0, len(test_set), batch_size):
-    stop = min(start + batch_size, len(test_set))
-    pad = lambda x: np.concatenate(  # noqa: E731
-        [x[start:stop], np.zeros((batch_size - (stop - start),) + x.shape[1:], x.dtype)])
+  arrays = {"inputs": np.asarray(test_set.inputs, np.int32),
+            "users": np.asarray(test_set.users, np.int32),
+            "lengths": np.asarray(test_set.lengths, np.int32)}
+  parts, offset = [], 0
+  for batch, real in loop._padded_batches(arrays, batch_size):  # pylint: disable=protected-access
     exclude = np.ones((batch_size, num_items + 1), bool)
-    exclude[:stop - start] = test_set.exclude_mask(num_items, start, stop)
-    out = fn(params, pad(np.asarray(test_set.inputs, np.int32)),
-             pad(np.asarray(test_set.users, np.int32)),
-             pad(np.asarray(test_set.lengths, np.int32)), exclude)
-    parts.append(np.asarray(jax.device_get(out))[:, :stop - start])
+    exclude[:real] = test_set.exclude_mask(num_items, offset, offset + real)
+    out = fn(params, batch["inputs"], batch["users"], batch["lengths"], exclude)
+    parts.append(np.asarray(jax.device_get(out))[:, :real])
+    offset += real
   return np.concatenate(parts, axis=1)

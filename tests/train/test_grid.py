@@ -60,6 +60,16 @@ def test_grid_trains_every_cell_with_analyses_then_reuses_them(tmp_path, monkeyp
       (history,) = row["history"]
       assert row["best_epoch"] == [1] and len(history) == row["epochs_run"][0] == 1
       assert {"train_loss", "valid/ndcg@10"} <= set(history[0])
+      # The stack's per-user metrics and top-10 equal a separate pass over the checkpoint.
+      model = grid.make_model(work, spec, data, row["backbone"], row["variant"])
+      run_dir = os.path.join(work, "recommend", row["backbone"], row["variant"], "seed_0")
+      test_set = sequences.eval_set(data, "test", sequences.load_negatives(
+          prepare.prepared_dir(work)), spec.max_len)
+      again = grid.analysis.user_analysis(model, grid.restore_best(run_dir), test_set,
+                                          data.num_items, batch_size=spec.batch)
+      np.testing.assert_allclose(per_user["ndcg@10"], again["ndcg@10"], rtol=1e-5, atol=1e-6)
+      head = grid.analysis.head_items(counts, spec.head_share)
+      np.testing.assert_allclose(per_user["head@10"], head[again["top"]].mean(1))
   saved = json.loads((tmp_path / "recommend" / "results.json").read_text())
   assert saved == json.loads(json.dumps(results))
 
