@@ -73,8 +73,11 @@ flags.DEFINE_float("final_lr_fraction", _d("final_lr_fraction"),
                    "Cosine decays to this fraction of the peak.")
 flags.DEFINE_float("weight_decay", _d("weight_decay"), "AdamW weight decay on the adapter.")
 flags.DEFINE_float("clip_norm", _d("clip_norm"), "Global gradient-norm clip; 0 turns it off.")
-flags.DEFINE_integer("num_epochs", 3, "Passes over the training examples (when --num_steps=0).")
-flags.DEFINE_integer("num_steps", 0, "Optimizer steps; overrides --num_epochs when > 0.")
+_STAGE = stages.DistillStageConfig  # the stage's fields hold the defaults
+flags.DEFINE_integer("num_epochs", _STAGE.num_epochs,
+                     "Passes over the training examples (when --num_steps=0).")
+flags.DEFINE_integer("num_steps", _STAGE.num_steps,
+                     "Optimizer steps; overrides --num_epochs when > 0.")
 flags.DEFINE_integer("batch_size", _d("batch_size"), "Examples per optimizer step, over all "
                      "devices.")
 flags.DEFINE_integer("microbatches", _d("microbatches"), "Gradient accumulation: split each "
@@ -82,8 +85,13 @@ flags.DEFINE_integer("microbatches", _d("microbatches"), "Gradient accumulation:
                      "many sequential passes.")
 flags.DEFINE_integer("max_length", _d("max_length"), "Tokens per example; longer rationales "
                      "are cut.")
-flags.DEFINE_integer("min_rationale_tokens", 8, "Drop examples whose prompt leaves fewer.")
-flags.DEFINE_float("heldout_fraction", 0.1, "Share of examples held out for the NLL.")
+flags.DEFINE_integer("min_rationale_tokens", _STAGE.min_rationale_tokens,
+                     "Drop examples whose prompt leaves fewer.")
+flags.DEFINE_float("heldout_fraction", _STAGE.heldout_fraction,
+                   "Share of examples held out for the NLL.")
+flags.DEFINE_bool("keep_cut_rationales", _STAGE.keep_cut_rationales,
+                  "Train on rationales the teacher's max_tokens cut (finish_reason 'length'); "
+                  "by default they are dropped.")
 flags.DEFINE_integer("eval_every", _d("eval_every"), "Held-out NLL every N steps.")
 flags.DEFINE_integer("checkpoint_every", _d("checkpoint_every"), "Checkpoint every N steps.")
 flags.DEFINE_integer("keep_checkpoints", _d("keep_checkpoints"), "Checkpoints kept.")
@@ -118,7 +126,8 @@ def main(argv):
         init_from=init_from, train=config_flags.override(DEFAULT_CONFIG, values),
         rationales=FLAGS.rationales, num_epochs=FLAGS.num_epochs, num_steps=FLAGS.num_steps,
         min_rationale_tokens=FLAGS.min_rationale_tokens,
-        heldout_fraction=FLAGS.heldout_fraction, force=FLAGS.force, progress=FLAGS.progress)
+        heldout_fraction=FLAGS.heldout_fraction, keep_cut_rationales=FLAGS.keep_cut_rationales,
+        force=FLAGS.force, progress=FLAGS.progress)
     summary = stages.distill(RunLayout(FLAGS.workdir), config)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None

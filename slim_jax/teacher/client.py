@@ -3,7 +3,10 @@
 `collect` sends one chat completion per user with at most `concurrency` requests in flight,
 appends each answer to a JSONL file as soon as it arrives (`rationales.Appender`: one
 complete, fsynced line per user) and skips users the file already holds, so a run that dies
-loses nothing and a rerun asks only for the users not yet done.
+loses nothing and a rerun asks only for the users not yet done. `requests_per_minute` and `tokens_per_minute` hold
+the request rate under the endpoint's limits, and `max_total_tokens` caps what a run may
+spend (`limits.py`): once the next request might pass it, the run stops asking, keeps every
+answer so far and counts the users it did not ask (`Stats.users_over_cap`).
 
 Retries are ours, not the `openai` package's (its `max_retries` is 0), so they are counted,
 and only what can succeed on a retry is retried: 429 rate limits, 408, 409, timeouts,
@@ -37,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import openai
 
-from slim_jax.teacher import rationales
+from slim_jax.teacher import limits, rationales
 
 RETRY_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = frozenset({400, 401, 403, 404, 422})
@@ -67,6 +70,9 @@ class ClientConfig:
   backoff_max: float = 60.0
   max_retry_after: float = 600.0  # longer Retry-After waits are cut to this
   allow_insecure_key: bool = False  # send the key over plain http to a non-loopback host
+  requests_per_minute: int = 0  # 0: no limit
+  tokens_per_minute: int = 0  # prompt + completion; 0: no limit
+  max_total_tokens: int = 0  # spending cap of one run, prompt + completion; 0: no cap
 
   def __post_init__(self):
     if self.concurrency < 1:
@@ -76,6 +82,9 @@ class ClientConfig:
                        f"{self.max_retries} and {self.max_server_error_retries}")
     if self.max_tokens < 1:
       raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+    if min(self.requests_per_minute, self.tokens_per_minute, self.max_total_tokens) < 0:
+      raise ValueError("requests_per_minute, tokens_per_minute and max_total_tokens must be "
+                       ">= 0 (0: no limit)")
 
 
 @dataclasses.dataclass
@@ -85,6 +94,7 @@ class Stats:
   users_skipped: int = 0  # already in the file
   users_done: int = 0  # written in this run
   users_failed: int = 0  # gave up after retries or a non-retryable error
+  users_over_cap: int = 0  # not asked: the next request might have passed max_total_tokens
   requests: int = 0  # HTTP requests sent, retries included
   retries: int = 0
   retries_by_cause: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -94,6 +104,7 @@ class Stats:
   prompt_tokens: int = 0
   completion_tokens: int = 0
   seconds: float = 0.0
+  rate_limit_wait_seconds: float = 0.0  # waited for requests/tokens_per_minute, summed
 
   def cost(self, price_input: float, price_output: float) -> float:
     """Estimated USD for prices given per million tokens."""
@@ -250,10 +261,38 @@ def _unpack(completion) -> tuple[str, str, int | None, int | None, str | None]:
 
 async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id: int,
                        messages: list[dict], stats: Stats, key: str | None,
-                       rng: random.Random) -> dict | None:
-  """One user's record, retrying; None if it failed for good (counted in `stats`)."""
+                       rng: random.Random, limiter: limits.RateLimiter,
+                       budget: limits.TokenBudget) -> dict | None:
+  """One user's record, retrying; None if it failed for good or was not asked because of
+  the spending cap (counted in `stats`). The user's token bound stays reserved in `budget`
+  across its retries and becomes its real usage at the end."""
+  estimate = limits.estimate_tokens(messages, config.max_tokens)
+  try:
+    reserved = await budget.reserve(estimate)
+  except limits.CapReached:
+    stats.users_over_cap += 1
+    return None
+  used = 0
+  try:
+    record = await _attempts(client, config, user_id, messages, stats, key, rng, limiter,
+                             estimate)
+    if record is not None:
+      usage = record["usage"]
+      known = usage["prompt_tokens"] is not None and usage["completion_tokens"] is not None
+      used = usage["prompt_tokens"] + usage["completion_tokens"] if known else estimate
+    return record
+  finally:
+    await budget.settle(reserved, used)
+
+
+async def _attempts(client: openai.AsyncOpenAI, config: ClientConfig, user_id: int,
+                    messages: list[dict], stats: Stats, key: str | None,
+                    rng: random.Random, limiter: limits.RateLimiter,
+                    estimate: int) -> dict | None:
+  """The request and its retries, each attempt under the rate limits."""
   attempt = server_errors = 0
   while True:
+    sent = await limiter.acquire(estimate)
     stats.requests += 1
     try:
       try:
@@ -264,6 +303,8 @@ async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id
         text, model, prompt_tokens, completion_tokens, finish = _unpack(completion)
       except Exception as e:  # pylint: disable=broad-except
         raise _classify(e, key) from None
+      if prompt_tokens is not None and completion_tokens is not None:
+        limiter.settle(sent, prompt_tokens + completion_tokens)
     except _Retryable as e:
       attempt += 1
       server_errors += e.cause == "5xx"
@@ -300,15 +341,18 @@ async def _request_one(client: openai.AsyncOpenAI, config: ClientConfig, user_id
 async def _collect(requests: Sequence[tuple[int, list[dict]]], out_path: str,
                    config: ClientConfig, key: str | None, stats: Stats,
                    progress: Callable[[Stats], None] | None,
-                   fields: dict[int, dict] | None) -> None:
+                   fields: dict[int, dict] | None, budget: limits.TokenBudget) -> None:
   client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=config.base_url,
                               timeout=config.timeout, max_retries=0)
   semaphore = asyncio.Semaphore(config.concurrency)
   rng = random.Random(config.seed)
+  limiter = limits.RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+  budget.start()
 
   async def one(user_id: int, messages: list[dict], appender: rationales.Appender):
     async with semaphore:
-      record = await _request_one(client, config, user_id, messages, stats, key, rng)
+      record = await _request_one(client, config, user_id, messages, stats, key, rng,
+                                  limiter, budget)
     if record is not None:
       appender.append({**record, **(fields or {}).get(user_id, {})})
       stats.users_done += 1
@@ -327,14 +371,17 @@ async def _collect(requests: Sequence[tuple[int, list[dict]]], out_path: str,
       first = first.exceptions[0]
     raise first from None
   finally:
+    stats.rate_limit_wait_seconds += limiter.waited
     await client.close()
 
 
 def collect(requests: Sequence[tuple[int, list[dict]]], out_path: str, config: ClientConfig,
             api_key: str | None, progress: Callable[[Stats], None] | None = None,
-            fields: dict[int, dict] | None = None) -> Stats:
+            fields: dict[int, dict] | None = None,
+            budget: limits.TokenBudget | None = None) -> Stats:
   """Asks the endpoint for every (user_id, messages) not yet in `out_path`; returns counts.
-  `fields[user_id]` is added to that user's record (the rationale's cutoff).
+  `fields[user_id]` is added to that user's record (the rationale's cutoff). `budget`
+  (default: one of `config.max_total_tokens`) may be shared by several calls.
 
   Users already in the file are skipped. Raises FatalError (key redacted) before any
   request when the key would travel in the clear, and when the endpoint refuses in a way
@@ -351,7 +398,10 @@ def collect(requests: Sequence[tuple[int, list[dict]]], out_path: str, config: C
   todo = [(u, m) for u, m in requests if u not in done]
   stats.users_skipped = len(requests) - len(todo)
   stats.users_requested = len(todo)
+  budget = budget or limits.TokenBudget(config.max_total_tokens)
+  limits.RateLimiter(config.requests_per_minute, config.tokens_per_minute).check_fits(
+      max((limits.estimate_tokens(m, config.max_tokens) for _, m in todo), default=0))
   if todo:
-    asyncio.run(_collect(todo, out_path, config, api_key, stats, progress, fields))
+    asyncio.run(_collect(todo, out_path, config, api_key, stats, progress, fields, budget))
   stats.seconds = time.perf_counter() - start
   return stats

@@ -65,6 +65,17 @@ def test_truncation_cuts_rationale_end_and_drops_long_prompts(tokenizer, records
   assert not examples and report.examples_dropped == {"empty_response": 1}
 
 
+def test_rationales_cut_by_max_tokens_are_dropped_unless_kept(tokenizer, records):
+  marked = [dict(r, finish_reason="length") if i % 3 == 0 else r
+            for i, r in enumerate(records)]
+  examples, report = rx.build_examples(marked, tokenizer, max_length=1024)
+  cut = sum(i % 3 == 0 for i in range(len(records)))
+  assert report.examples_dropped == {"cut_by_max_tokens": cut}
+  assert len(examples) == len(records) - cut
+  kept, report = rx.build_examples(marked, tokenizer, max_length=1024, keep_cut=True)
+  assert len(kept) == len(records) and not report.examples_dropped
+
+
 def test_buckets_pad_and_are_deterministic_per_step(tokenizer, records):
   examples, _ = rx.build_examples(records, tokenizer, max_length=512)
   boundaries = rx.bucket_boundaries(512, smallest=64)

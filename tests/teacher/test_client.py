@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from slim_jax.teacher import client, prompts, rationales
+from slim_jax.teacher import client, limits, prompts, rationales
 from teacher_fakes import FaultServer, make_dataset
 
 SECRET = "sk-test-0123456789abcdefSECRETKEY"
@@ -136,6 +136,48 @@ def test_answers_cut_by_max_tokens_are_counted_and_marked(tmp_path):
   assert stats.cut_by_length == 1 and stats.as_dict()["cut_by_length"] == 1
   by_user = rationales.by_user(rationales.read(out))
   assert [by_user[u]["finish_reason"] for u in range(3)] == ["stop", "stop", "length"]
+
+
+def test_requests_per_minute_is_honoured_against_a_server(tmp_path, monkeypatch):
+  monkeypatch.setattr(limits, "WINDOW_SECONDS", 1.0)  # a "minute" of one second
+  out = str(tmp_path / "teacher.jsonl")
+  with FaultServer(lambda key, attempt: "429" if attempt == 1 and key.endswith("0") else "ok"
+                   ) as server:
+    stats = client.collect(requests_for(10), out, fast_config(
+        server.base_url, requests_per_minute=4, concurrency=8), None)
+  times = sorted(r.time for r in server.log)
+  assert stats.users_done == 10 and len(times) == stats.requests
+  # Sent at most 4 per window; arrivals may lag their sending by a few milliseconds.
+  assert max(sum(t <= t2 < t + 0.9 for t2 in times) for t in times) <= 4
+  assert times[-1] - times[0] >= (len(times) - 1) // 4 - 0.1
+  assert stats.rate_limit_wait_seconds > 0
+
+
+def test_a_request_over_the_token_limit_is_refused_before_sending(tmp_path):
+  with FaultServer() as server:
+    with pytest.raises(ValueError, match="tokens_per_minute=100"):
+      client.collect(requests_for(2), str(tmp_path / "t.jsonl"),
+                     fast_config(server.base_url, tokens_per_minute=100), None)
+  assert server.log == []
+
+
+def test_the_spending_cap_stops_cleanly_and_a_rerun_continues(tmp_path):
+  requests = requests_for(12)
+  cap = 2 * max(limits.estimate_tokens(m, 64) for _, m in requests)
+  out = str(tmp_path / "teacher.jsonl")
+  with FaultServer() as server:
+    stats = client.collect(requests, out, fast_config(
+        server.base_url, max_tokens=64, max_total_tokens=cap, concurrency=3), None)
+  kept = rationales.by_user(rationales.read(out))
+  assert 0 < stats.users_done < 12 and stats.users_done + stats.users_over_cap == 12
+  assert stats.prompt_tokens + stats.completion_tokens <= cap
+  assert len(server.log) == stats.requests == len(kept) == stats.users_done
+  with FaultServer() as server:  # no cap: only the users not asked before
+    rest = client.collect(requests, out, fast_config(server.base_url, max_tokens=64), None)
+  assert rest.users_skipped == len(kept) and rest.users_done == 12 - len(kept)
+  by_key = {key_of(m): u for u, m in requests}
+  assert not {by_key[r.key] for r in server.log} & set(kept)
+  assert sorted(r["user_id"] for r in rationales.read(out)) == list(range(12))
 
 
 @pytest.mark.parametrize("url,allowed", [

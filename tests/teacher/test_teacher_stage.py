@@ -14,6 +14,7 @@ import time
 import pytest
 
 from slim_jax.data import prepare
+from slim_jax.pipeline.layout import RunLayout
 from slim_jax.teacher import prompts, rationales
 from teacher_fakes import FaultServer
 
@@ -96,6 +97,28 @@ def test_killed_run_restarts_with_only_unfinished_users(workdir, tmp_path):
   summary = json.loads((run / "rationales" / "teacher_summary.json").read_text())
   assert summary["users_done"] == 40 - len(done) and summary["users_skipped"] == len(done)
   assert summary["requests"] == 40 - len(done)
+
+
+def test_the_spending_cap_spans_both_kinds_and_stops_with_every_answer_kept(workdir, tmp_path):
+  run = fresh_workdir(workdir, tmp_path)
+  with FaultServer() as server:
+    capped = run_stage(run, server.base_url, "--num_users=10", "--max_tokens=64",
+                       "--max_total_tokens=4000", "--concurrency=2")
+    first_requests = len(server.log)
+  assert capped.returncode == 3, capped.stderr
+  assert "stopped at --max_total_tokens=4000" in capped.stderr
+  layout = RunLayout(str(run))
+  files = [layout.rationale_file(prompts.source_name("teacher", k)) for k in prompts.KINDS]
+  written = [rationales.read(f) if os.path.exists(f) else [] for f in files]
+  done = sum(len(w) for w in written)
+  assert 0 < done < 20 and first_requests == done
+  summaries = [json.loads(p.read_text()) for p in (run / "rationales").glob("*_summary.json")]
+  assert sum(s["prompt_tokens"] + s["completion_tokens"] for s in summaries) <= 4000
+  with FaultServer() as server:
+    rest = run_stage(run, server.base_url, "--num_users=10", "--max_tokens=64",
+                     "--concurrency=2")
+    assert rest.returncode == 0, rest.stderr
+    assert len(server.log) == 20 - done  # no user asked twice
 
 
 def test_key_never_appears_in_files_or_output(workdir, tmp_path):
