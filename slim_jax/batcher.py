@@ -1,7 +1,10 @@
 """The batching engine of the server (slim_jax/serve.py): HTTP handler threads submit the
 rows of their requests as `Job`s; one thread gathers the jobs that arrive together into a
 batch and runs it through the generator (slim_jax/generate.py) in lock step, streaming
-text back through each job's `on_text`. A failed batch fails its own jobs only.
+text back through each job's `on_text`. When a batch fails, each of its jobs that has not
+streamed anything yet runs again alone, so a row that cannot be decoded fails its own
+request and the rest complete. A job whose client went away (`cancelled`) stops its rows at
+the next decode chunk. At most `max_queued_rows` rows wait at once (`QueueFull` beyond).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ class Stopping(RuntimeError):
   """The batcher takes no more jobs."""
 
 
+class QueueFull(RuntimeError):
+  """As many rows as the queue holds are already waiting."""
+
+
 @dataclasses.dataclass
 class Job:
   """One request's rows, waiting for the batcher; `events` feeds a streaming handler."""
@@ -35,14 +42,20 @@ class Job:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   completions: list | None = None
   error: BaseException | None = None
+  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+  streamed: bool = False  # some text already went to `on_text`
 
 
 class Batcher:
   """Owns the generator; runs the rows of requests that arrive together as one batch."""
 
-  def __init__(self, generator, max_batch_size: int, window_s: float):
+  def __init__(self, generator, max_batch_size: int, window_s: float,
+               max_queued_rows: int = 1 << 30):
     self.generator = generator
     self.max_batch_size = max_batch_size
+    self.max_queued_rows = max_queued_rows
+    self._queued_rows = 0  # submitted, not yet taken into a batch
+    self._queued_lock = threading.Lock()
     self.window_s = window_s
     self.max_gather_s = max(MAX_GATHER_S, MAX_WINDOWS * window_s)
     self._queue: queue.Queue = queue.Queue()
@@ -62,8 +75,21 @@ class Batcher:
                         f"{self.max_batch_size}")
     if self._stopping:
       raise Stopping("the batcher is stopping")
+    with self._queued_lock:
+      if self._queued_rows + len(job.conversations) > self.max_queued_rows:
+        raise QueueFull(f"{self._queued_rows} rows are already waiting (the queue holds "
+                        f"{self.max_queued_rows})")
+      self._queued_rows += len(job.conversations)
     self._queue.put(job)
     return job
+
+  @property
+  def queued_rows(self) -> int:
+    return self._queued_rows
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive()
 
   @contextlib.contextmanager
   def arriving(self):
@@ -81,8 +107,15 @@ class Batcher:
     self._queue.put(None)
     self._thread.join()
 
+  def _get(self, timeout: float | None = None) -> Job | None:
+    job = self._queue.get(timeout=timeout)
+    if job is not None:
+      with self._queued_lock:
+        self._queued_rows -= len(job.conversations)
+    return job
+
   def _next_batch(self) -> list[Job] | None:
-    first = self._held or self._queue.get()
+    first = self._held or self._get()
     self._held = None
     if first is None:
       return None
@@ -95,7 +128,7 @@ class Batcher:
     deadline = start + self.window_s
     while rows < self.max_batch_size:
       try:
-        job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        job = self._get(timeout=max(0.0, deadline - time.monotonic()))
       except queue.Empty:
         # Handlers still parsing requests (16 clients' chat templates under the GIL take a
         # while on a loaded machine): wait for them rather than leave them to the next batch.
@@ -119,30 +152,57 @@ class Batcher:
       jobs = self._next_batch()
       if jobs is None:
         return
-      conversations, sampling, owners = [], [], []
-      for job in jobs:
-        for index, (conversation, params) in enumerate(zip(job.conversations, job.sampling)):
-          conversations.append(conversation)
-          sampling.append(params)
-          owners.append((job, index))
-
-      def callback(row: int, text: str) -> None:
-        job, index = owners[row]
-        if job.on_text is not None and text:
-          job.on_text(index, text)
-
+      jobs = [job for job in jobs if not self._drop_cancelled(job)]
+      if not jobs:
+        continue
       try:
-        completions = self.generator.chat(conversations, sampling=sampling, callback=callback)
-        self.batches += 1
-        self.rows += len(conversations)
-        self.largest_batch = max(self.largest_batch, len(conversations))
-        start = 0
-        for job in jobs:
-          job.completions = completions[start:start + len(job.conversations)]
-          start += len(job.conversations)
+        self._decode(jobs)
       except Exception as e:  # pylint: disable=broad-except
-        logging.exception("generation failed for a batch of %d rows", len(conversations))
-        for job in jobs:
-          job.error = e
+        logging.exception("generation failed for a batch of %d requests", len(jobs))
+        if len(jobs) == 1:
+          jobs[0].error = e
+        else:  # find the failing rows: each job that streamed nothing yet runs alone
+          for job in jobs:
+            if job.streamed:
+              job.error = e
+              continue
+            try:
+              self._decode([job])
+            except Exception as alone:  # pylint: disable=broad-except
+              job.error = alone
       for job in jobs:
         job.done.set()
+
+  @staticmethod
+  def _drop_cancelled(job: Job) -> bool:
+    if job.cancelled.is_set():
+      job.error = Stopping("the client went away")
+      job.done.set()
+      return True
+    return False
+
+  def _decode(self, jobs: list[Job]) -> None:
+    """Runs the jobs' rows as one batch and gives each job its completions."""
+    conversations, sampling, owners = [], [], []
+    for job in jobs:
+      for index, (conversation, params) in enumerate(zip(job.conversations, job.sampling)):
+        conversations.append(conversation)
+        sampling.append(params)
+        owners.append((job, index))
+
+    def callback(row: int, text: str) -> None:
+      job, index = owners[row]
+      if job.on_text is not None and text:
+        job.streamed = True
+        job.on_text(index, text)
+
+    completions = self.generator.chat(
+        conversations, sampling=sampling, callback=callback,
+        should_stop=lambda row: owners[row][0].cancelled.is_set())
+    self.batches += 1
+    self.rows += len(conversations)
+    self.largest_batch = max(self.largest_batch, len(conversations))
+    start = 0
+    for job in jobs:
+      job.completions = completions[start:start + len(job.conversations)]
+      start += len(job.conversations)

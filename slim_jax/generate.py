@@ -315,8 +315,11 @@ class Generator:
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-               callback: Callable[[int, str], None] | None = None) -> list[Completion]:
-    """Completions for `prompts` (text, tokenised with special tokens, or token ids)."""
+               callback: Callable[[int, str], None] | None = None,
+               should_stop: Callable[[int], bool] | None = None) -> list[Completion]:
+    """Completions for `prompts` (text, tokenised with special tokens, or token ids).
+    `should_stop(row)` true ends that row at the next decode chunk (finish_reason
+    'cancelled'), e.g. when its client went away; the batch ends when every row has."""
     prompts = list(prompts)
     if isinstance(sampling, SamplingParams):
       sampling = [sampling] * len(prompts)
@@ -334,11 +337,13 @@ class Generator:
     out: list[Completion] = []
     for start in range(0, len(prompts), self.max_batch_size):
       end = start + self.max_batch_size
-      offset_callback = None
+      offset_callback = offset_stop = None
       if callback is not None:
         offset_callback = functools.partial(lambda s, row, text: callback(s + row, text), start)
+      if should_stop is not None:
+        offset_stop = functools.partial(lambda s, row: should_stop(s + row), start)
       out.extend(self._generate_batch(encoded[start:end], sampling[start:end],
-                                      offset_callback))
+                                      offset_callback, offset_stop))
     return out
 
   def buckets(self, rows: int, prompt_len: int, max_new_tokens: int,
@@ -351,7 +356,7 @@ class Generator:
     return b, p, cache_bucket(shared + p + decode_steps)
 
   def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
-                      callback) -> list[Completion]:
+                      callback, should_stop=None) -> list[Completion]:
     n = len(encoded)
     shared = shared_prefix_length(encoded) if self.share_prefix else 0
     b, p, cache_len = self.buckets(n, max(len(ids) for ids in encoded),
@@ -380,7 +385,7 @@ class Generator:
     state = self._prefill(size, self.variables, inputs)
     rows = [_Row(self.tokenizer, sampling[r], self.eos_ids, len(encoded[r])) for r in range(n)]
     first, done = jax.device_get((state["token"], state["done"]))
-    self._consume(rows, first[:, None], done[:, None], callback)
+    self._consume(rows, first[:, None], done[:, None], callback, should_stop)
     while not all(r.finished for r in rows):
       if any(r.finished and not d for r, d in zip(rows, done)):  # stopped by a stop string
         state["done"] = jnp.asarray(np.asarray(done) | np.asarray(
@@ -391,14 +396,17 @@ class Generator:
       state, tokens, done_steps = self._decode(DECODE_CHUNK, self.variables, state)
       index += DECODE_CHUNK
       tokens, done_steps = jax.device_get((tokens, done_steps))
-      self._consume(rows, tokens, done_steps, callback)
+      self._consume(rows, tokens, done_steps, callback, should_stop)
       done = done_steps[:, -1]
     return [r.completion() for r in rows]
 
   @staticmethod
-  def _consume(rows, tokens, done, callback) -> None:
+  def _consume(rows, tokens, done, callback, should_stop=None) -> None:
     for i, row in enumerate(rows):
       if row.finished:
+        continue
+      if should_stop is not None and should_stop(i):
+        row.finished, row.finish_reason = True, "cancelled"
         continue
       row.add(tokens[i].tolist(), done[i].tolist())
       new_text = row.take_stream_text()
@@ -416,11 +424,12 @@ class Generator:
 
   def chat(self, conversations: Sequence[list[dict]],
            sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-           callback: Callable[[int, str], None] | None = None) -> list[Completion]:
+           callback: Callable[[int, str], None] | None = None,
+           should_stop: Callable[[int], bool] | None = None) -> list[Completion]:
     """Completions of chat conversations (the template's special tokens, no extra BOS)."""
     prompts = [self.tokenizer(self.render_chat(m), add_special_tokens=False)["input_ids"]
                for m in conversations]
-    return self.generate(prompts, sampling, callback)
+    return self.generate(prompts, sampling, callback, should_stop)
 
 
 def streamable_end(text: str, stop: Sequence[str]) -> int:

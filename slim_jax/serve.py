@@ -7,14 +7,18 @@ DIR is a PEFT LoRA folder (`lora.load_peft`), e.g. the distilled student. The se
 how the offline teacher runs (experiments/teacher.py --teacher_base_url=http://HOST:PORT/v1)
 and how the student is deployed.
 
-Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions
-(non-streaming, and `stream: true` as server-sent events in OpenAI's chunk format ending
-with `data: [DONE]`). Errors use OpenAI's body, {"error": {"message", "type", "param",
-"code"}}, with 400 for invalid requests, 404 for unknown models and routes.
+Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health (the batcher alive, the queue
+depth, open connections), POST /v1/chat/completions (non-streaming, and `stream: true` as
+server-sent events in OpenAI's chunk format ending with `data: [DONE]`). Errors use
+OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for invalid requests
+and chat-template errors, 401 without the `--api_key` (every endpoint but /health), 404
+for unknown models and routes, 408 for requests that do not arrive within
+`--request_timeout`, 413 for bodies over `--max_body_bytes`, 503 with `Retry-After` when
+`--max_connections` or `--max_queued_rows` are reached (slim_jax/serve_guard.py).
 
-Concurrency: HTTP handlers run in threads and hand their rows to one `Batcher` thread
-(slim_jax/batcher.py),
-which owns the generator: it waits `batch_window_ms` after each request for another to
+Concurrency: HTTP handlers run in threads, read and parse their whole body, then hand
+their rows to one `Batcher` thread (slim_jax/batcher.py), which owns the generator (a slow
+client therefore delays only itself): it waits `batch_window_ms` after each request for another to
 arrive, and while handler threads are still parsing requests (at most a second or ten
 windows in all, whichever is longer), then decodes up to `max_batch_size` rows in one batched,
 jitted `Generator.chat` call. Sixteen clients therefore cost about one decode, not sixteen.
@@ -39,7 +43,7 @@ import time
 import uuid
 
 from slim_jax import batcher as batcher_lib
-from slim_jax import generator_loading, quiet_logs
+from slim_jax import generator_loading, quiet_logs, serve_guard
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -51,10 +55,13 @@ class APIError(Exception):
   """An error answered with OpenAI's error body."""
 
   def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None):
+               param: str | None = None, code: str | None = None,
+               headers: tuple[tuple[str, str], ...] = (), close: bool = False):
     super().__init__(message)
     self.status, self.message, self.type, self.param, self.code = (status, message, type_,
                                                                    param, code)
+    self.headers = headers
+    self.close = close  # the connection cannot go on (the body was not read)
 
   def body(self) -> dict:
     return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -179,9 +186,24 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
 # ----------------------------------------------------------------------------- HTTP
 
 class _ThreadingHTTPServer(http.server.ThreadingHTTPServer):
+  """One thread per admitted connection, at most `guard.limits.max_connections`."""
   # A client's concurrent requests (the teacher stage opens 16 at once) arrive together:
   # socketserver's default listen backlog of 5 refuses the rest, which then retry.
   request_queue_size = 128
+  guard: serve_guard.ConnectionGuard
+
+  def process_request(self, request, client_address):
+    if self.guard.admit(request):
+      super().process_request(request, client_address)
+
+  def process_request_thread(self, request, client_address):
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self.guard.release()
+
+  def handle_error(self, request, client_address):
+    logging.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
 class ChatServer:
@@ -189,13 +211,16 @@ class ChatServer:
 
   def __init__(self, generator, model_name: str, *, host: str = "127.0.0.1", port: int = 0,
                max_batch_size: int = 16, batch_window_ms: float = 20.0,
-               max_seq_len: int = 2048, default_max_tokens: int = 512, sampling_cls=None):
+               max_seq_len: int = 2048, default_max_tokens: int = 512, sampling_cls=None,
+               limits: serve_guard.ServerLimits = serve_guard.ServerLimits()):
     self.generator = generator
     self.model_name = model_name
     self.max_seq_len = max_seq_len
     self.default_max_tokens = default_max_tokens
+    self.limits = limits
     self.created = int(time.time())
-    self.batcher = batcher_lib.Batcher(generator, max_batch_size, batch_window_ms / 1000.0)
+    self.batcher = batcher_lib.Batcher(generator, max_batch_size, batch_window_ms / 1000.0,
+                                       limits.max_queued_rows)
     self._busy = 0
     self._busy_lock = threading.Condition()
     self._draining = False
@@ -204,6 +229,8 @@ class ChatServer:
     self._sampling_cls = sampling_cls
     self.httpd = _ThreadingHTTPServer((host, port), ChatHandler)
     self.httpd.chat_server = self
+    self.httpd.guard = self.guard = serve_guard.ConnectionGuard(limits)
+    serve_guard.warn_if_exposed(host, limits.api_key)
     self.httpd.daemon_threads = True  # idle keep-alive connections must not block exit
 
   @property
@@ -239,6 +266,7 @@ class ChatServer:
       if self._busy:
         logging.warning("shutting down with %d requests still running", self._busy)
     self.httpd.server_close()
+    self.guard.close()
     self.batcher.stop()
     if self._thread is not None:
       self._thread.join()
@@ -268,6 +296,16 @@ class ChatServer:
     return {"id": self.model_name, "object": "model", "created": self.created,
             "owned_by": "slim-jax"}
 
+  def health(self) -> tuple[int, dict]:
+    alive = self.batcher.alive
+    return (200 if alive and not self._draining else 503), {
+        "status": "ok" if alive and not self._draining else
+                  "draining" if alive else "batcher_stopped",
+        "batcher_alive": alive, "queued_rows": self.batcher.queued_rows,
+        "max_queued_rows": self.limits.max_queued_rows,
+        "open_connections": self.guard.open, "max_connections": self.limits.max_connections,
+        "batches": self.batcher.batches, "rows": self.batcher.rows}
+
   def prepare(self, request: ChatRequest) -> tuple[batcher_lib.Job, int]:
     """The job for a validated request and its prompt length; checks the context window."""
     if self._sampling_cls is None:
@@ -290,8 +328,23 @@ class ChatServer:
     return job, prompt_tokens
 
   def count_prompt_tokens(self, messages: list[dict]) -> int:
-    text = self.generator.render_chat(messages)
+    try:
+      text = self.generator.render_chat(messages)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_template_error(e):
+        raise APIError(400, f"the model's chat template rejects these messages: {e}",
+                       param="messages", code="invalid_messages") from None
+      raise
     return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _is_template_error(error: Exception) -> bool:
+  """A Jinja error raised while rendering (a template's raise_exception, a bad role order)."""
+  try:
+    import jinja2  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return isinstance(error, jinja2.TemplateError)
 
 
 class ChatHandler(http.server.BaseHTTPRequestHandler):
@@ -303,41 +356,85 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
   def chat(self) -> "ChatServer":
     return self.server.chat_server
 
+  def setup(self) -> None:
+    self.timeout = self.server.chat_server.limits.idle_timeout_s  # applied by setup()
+    super().setup()
+
+  def handle_one_request(self) -> None:
+    """Waits up to the idle timeout for a request to start, then gives its head (request
+    line and headers) until the request timeout to arrive (ConnectionGuard's reaper)."""
+    try:
+      started = self.rfile.peek(1)
+    except (TimeoutError, OSError):
+      self.close_connection = True
+      return
+    if not started:
+      self.close_connection = True
+      return
+    self._request_started = time.monotonic()
+    self.chat.guard.head_started(self.connection)
+    try:
+      super().handle_one_request()
+    except OSError:  # the reaper closed a late head, or the client went away
+      self.close_connection = True
+    finally:
+      self.chat.guard.head_done(self.connection)
+
   def log_message(self, format, *args):  # pylint: disable=redefined-builtin
     logging.debug("%s %s", self.address_string(), format % args)
 
   # -- plumbing
 
-  def _send_json(self, status: int, payload: dict) -> None:
+  def _send_json(self, status: int, payload: dict, headers=(), close: bool = False) -> None:
     data = json.dumps(payload).encode("utf-8")
     self.send_response(status)
     self.send_header("Content-Type", "application/json")
     self.send_header("Content-Length", str(len(data)))
-    if self.chat._draining:
+    for name, value in headers:
+      self.send_header(name, value)
+    if self.chat._draining or close:
       self.send_header("Connection", "close")
       self.close_connection = True
     self.end_headers()
     self.wfile.write(data)
 
   def _send_error(self, error: APIError) -> None:
-    self._send_json(error.status, error.body())
+    self._send_json(error.status, error.body(), error.headers, error.close)
 
   def _read_json(self):
-    length = self.headers.get("Content-Length")
-    if length is None:
-      raise APIError(411, "a Content-Length header is required")
+    """The body as JSON, read whole (within the request timeout, at most max_body_bytes)."""
+    limits = self.chat.limits
     try:
-      raw = self.rfile.read(int(length))
+      length = serve_guard.body_length(self.headers.get("Content-Length"), limits)
+      raw = serve_guard.read_body(self.rfile, self.connection, length,
+                                  self._request_started + limits.request_timeout_s,
+                                  limits.idle_timeout_s)
+    except serve_guard.BodyError as e:
+      raise APIError(e.status, e.message, code=e.code, close=True) from None
+    try:
       return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-      raise APIError(400, f"the request body is not valid JSON: {e}") from None
+      raise APIError(400, f"the request body is not valid JSON: {e}",
+                     code="invalid_json") from None
+
+  def _check_key(self, path: str) -> None:
+    if path == "/health" or serve_guard.authorized(self.headers.get("Authorization"),
+                                                   self.chat.limits.api_key):
+      return
+    raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                   code="invalid_api_key", close=True)
 
   def _handle(self, fn) -> None:
+    self.chat.guard.head_done(self.connection)
     self.chat._enter()
     try:
+      self._check_key(self.path.split("?")[0].rstrip("/"))
       fn()
     except APIError as e:
-      self._send_error(e)
+      try:
+        self._send_error(e)
+      except OSError:
+        self.close_connection = True
     except (BrokenPipeError, ConnectionResetError):
       self.close_connection = True
     except Exception as e:  # pylint: disable=broad-except
@@ -365,7 +462,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
       raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist",
                      param="model", code="model_not_found")
     elif path == "/health":
-      self._send_json(200, {"status": "ok"})
+      self._send_json(*self.chat.health())
     elif path == "/v1/chat/completions":
       raise APIError(405, "use POST for /v1/chat/completions")
     else:
@@ -375,14 +472,13 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
   def _post(self) -> None:
     path = self.path.split("?")[0].rstrip("/")
     if path != "/v1/chat/completions":
-      self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep the stream in step
       raise APIError(404, f"unknown path {path}; POST /v1/chat/completions",
-                     code="unknown_url")
+                     code="unknown_url", close=True)  # its body is not read
+    body = self._read_json()  # before joining a batch: a slow body delays only itself
+    if self.chat._draining:
+      raise APIError(503, "the server is shutting down", type_="server_error")
+    request = parse_chat_request(body, self.chat.model_name)
     with self.chat.batcher.arriving():
-      body = self._read_json()
-      if self.chat._draining:
-        raise APIError(503, "the server is shutting down", type_="server_error")
-      request = parse_chat_request(body, self.chat.model_name)
       job, prompt_tokens = self.chat.prepare(request)
       events: queue.Queue = queue.Queue()
       if request.stream:
@@ -393,8 +489,16 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         raise APIError(400, str(e), param="n", code="invalid_value") from None
       except batcher_lib.Stopping:
         raise APIError(503, "the server is shutting down", type_="server_error") from None
+      except batcher_lib.QueueFull as e:
+        raise APIError(503, f"the server is busy: {e}; retry after the Retry-After seconds",
+                       type_="server_error", code="queue_full",
+                       headers=(("Retry-After", str(serve_guard.RETRY_AFTER_S)),)) from None
     if request.stream:
-      self._stream(request, job, prompt_tokens, events)
+      try:
+        self._stream(request, job, prompt_tokens, events)
+      except OSError:  # the client went away: its rows stop at the next decode chunk
+        job.cancelled.set()
+        self.close_connection = True
     else:
       job.done.wait()
       if job.error is not None:
@@ -511,7 +615,38 @@ def main(argv: list[str] | None = None) -> None:
                       help="On SIGTERM/SIGINT, how long requests in flight may finish.")
   parser.add_argument("--verbosity", type=int, default=0,
                       help="1 or more: also the INFO lines of libraries (httpx, orbax, ...).")
+  limits = serve_guard.ServerLimits()
+  parser.add_argument("--max_body_bytes", type=int, default=limits.max_body_bytes,
+                      help="Largest request body; larger ones get 413.")
+  parser.add_argument("--request_timeout", type=float, default=limits.request_timeout_s,
+                      help="Seconds a request (line, headers and body) may take to arrive "
+                      "from its first byte; slower ones get 408.")
+  parser.add_argument("--idle_timeout", type=float, default=limits.idle_timeout_s,
+                      help="Seconds an idle keep-alive connection, or a stalled read, is kept.")
+  parser.add_argument("--max_connections", type=int, default=limits.max_connections,
+                      help="Open connections served at once; more get 503 with Retry-After.")
+  parser.add_argument("--max_queued_rows", type=int, default=limits.max_queued_rows,
+                      help="Rows waiting for a batch; more get 503 with Retry-After.")
+  parser.add_argument("--api_key_env", default=None,
+                      help="Name of an environment variable holding the API key every "
+                      "endpoint but /health then requires (Authorization: Bearer).")
+  parser.add_argument("--api_key", default=None,
+                      help="The API key itself (visible to other users in the process list: "
+                      "prefer --api_key_env).")
   args = parser.parse_args(argv)
+  api_key = args.api_key
+  if args.api_key_env:
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+      parser.error(f"--api_key_env={args.api_key_env}: that environment variable is not set "
+                   "or empty")
+  try:
+    limits = serve_guard.ServerLimits(
+        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
+        max_queued_rows=args.max_queued_rows, api_key=api_key)
+  except ValueError as e:
+    parser.error(str(e))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   quiet_logs.quiet_library_logs(args.verbosity)
   generator, name = generator_loading.load_generator(args.model, args.adapter, args.max_batch_size,
@@ -519,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
   server = ChatServer(generator, args.served_model_name or name, host=args.host,
                       port=args.port, max_batch_size=args.max_batch_size,
                       batch_window_ms=args.batch_window_ms, max_seq_len=args.max_seq_len,
-                      default_max_tokens=args.default_max_tokens)
+                      default_max_tokens=args.default_max_tokens, limits=limits)
 
   def stop(signum, frame):  # pylint: disable=unused-argument
     logging.info("received %s: finishing requests in flight, then exiting",

@@ -18,87 +18,8 @@ import openai
 import pytest
 
 from llama_fixtures import smollm2_gguf, write_tiny_llama
+from serve_fakes import FULL_TEXT, POISON, FakeGenerator, FakeSampling
 from slim_jax import generate, generator_loading, serve
-
-
-# ----------------------------------------------------------------------------- fakes
-
-@dataclasses.dataclass(frozen=True)
-class FakeSampling:
-  max_new_tokens: int = 256
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop: tuple[str, ...] = ()
-  seed: int = 0
-
-
-@dataclasses.dataclass
-class FakeCompletion:
-  text: str
-  token_ids: list[int]
-  prompt_tokens: int
-  completion_tokens: int
-  finish_reason: str
-
-
-class FakeTokenizer:
-  def __call__(self, text, add_special_tokens=False):
-    return {"input_ids": list(range(len(text.split())))}
-
-
-class FakeGenerator:
-  """Answers with a fixed word sequence, one word per decode step of `step_seconds`.
-
-  Like the real generator it decodes a whole batch in lock step, so a batch of 16 costs
-  about as much as a batch of 1.
-  """
-  WORDS = "Step 1: likes RPGs. Step 2: Nintendo. Step 3: Zelda STOP and then more words".split()
-
-  def __init__(self, step_seconds=0.002):
-    self.tokenizer = FakeTokenizer()
-    self.step_seconds = step_seconds
-    self.batch_sizes = []
-    self.sampling_seen = []
-
-  def render_chat(self, messages):
-    return " ".join(m["content"] for m in messages)
-
-  def chat(self, conversations, sampling=FakeSampling(), callback=None):
-    rows = len(conversations)
-    self.batch_sizes.append(rows)
-    sampling = sampling if isinstance(sampling, list) else [sampling] * rows
-    self.sampling_seen.extend(sampling)
-    texts, finished, reasons = [""] * rows, [False] * rows, ["length"] * rows
-    counts, streamed = [0] * rows, [0] * rows
-    for step in range(max(s.max_new_tokens for s in sampling)):
-      time.sleep(self.step_seconds)
-      for row, params in enumerate(sampling):
-        if finished[row] or step >= params.max_new_tokens:
-          finished[row] = True
-          continue
-        if step >= len(self.WORDS):
-          finished[row], reasons[row] = True, "stop"
-          continue
-        piece = ("" if step == 0 else " ") + self.WORDS[step]
-        candidate = texts[row] + piece
-        hit = [candidate.find(s) for s in params.stop if s in candidate]
-        counts[row] += 1
-        if hit:  # the final text ends before the stop sequence, even if part was emitted
-          texts[row] = candidate[:min(hit)]
-          finished[row], reasons[row] = True, "stop"
-          continue
-        texts[row] += piece
-        end = max(streamed[row], generate.streamable_end(texts[row], params.stop))
-        if callback is not None and end > streamed[row]:  # the real generator's holdback
-          callback(row, texts[row][streamed[row]:end])
-          streamed[row] = end
-    prompt = [len(self.render_chat(c).split()) for c in conversations]
-    return [FakeCompletion(t, list(range(n)), p, n, r)
-            for t, n, p, r in zip(texts, counts, prompt, reasons)]
-
-
-FULL_TEXT = " ".join(FakeGenerator.WORDS)
 
 
 @pytest.fixture
