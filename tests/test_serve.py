@@ -3,7 +3,6 @@ real Flax LLaMA (tiny random weights, real tokenizer) behind the real `openai` c
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import os
@@ -18,8 +17,8 @@ import openai
 import pytest
 
 from llama_fixtures import smollm2_gguf, write_tiny_llama
-from serve_fakes import FULL_TEXT, POISON, FakeGenerator, FakeSampling
-from slim_jax import generate, generator_loading, serve
+from serve_fakes import FULL_TEXT, FakeGenerator, FakeSampling
+from slim_jax import generator_loading, serve
 
 
 @pytest.fixture
