@@ -101,9 +101,21 @@ flags.DEFINE_integer("seed", _d("seed"), "Seed for the adapter init, the split, 
 flags.DEFINE_enum("compute_dtype", _d("compute_dtype"), ["float32", "bfloat16"],
                   "Activation dtype.")
 flags.DEFINE_bool("remat", _d("remat"), "Recompute layer activations in the backward pass.")
+flags.DEFINE_enum("param_dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "Dtype of the frozen base weights: auto = bfloat16 on GPU and TPU (half the "
+                  "memory; what experiments/plan_memory.py assumes), float32 on CPU. The "
+                  "adapter and its optimizer state stay float32.")
 flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
 flags.DEFINE_bool("force", False, "Train again from the first step (earlier checkpoints "
                   "deleted), even when the adapter matches the manifest.")
+
+
+def resolve_param_dtype(flag: str) -> str | None:
+  """'auto' -> bfloat16 off the CPU; None means float32 (the loaders' default)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if flag == "auto":
+    flag = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return None if flag == "float32" else flag
 
 
 def main(argv):
@@ -127,6 +139,7 @@ def main(argv):
         rationales=FLAGS.rationales, num_epochs=FLAGS.num_epochs, num_steps=FLAGS.num_steps,
         min_rationale_tokens=FLAGS.min_rationale_tokens,
         heldout_fraction=FLAGS.heldout_fraction, keep_cut_rationales=FLAGS.keep_cut_rationales,
+        param_dtype=resolve_param_dtype(FLAGS.param_dtype),
         force=FLAGS.force, progress=FLAGS.progress)
     summary = stages.distill(RunLayout(FLAGS.workdir), config)
   except (FileNotFoundError, ValueError) as e:

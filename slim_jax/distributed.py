@@ -115,8 +115,16 @@ def initialize_from_flags() -> bool:
 
 
 def is_main_process() -> bool:
-  """Process 0 writes the human-facing outputs (summary files, progress bars)."""
+  """Process 0 writes the run-level files (summaries, metrics, TensorBoard, the PEFT
+  export, reports) and shows progress; checkpoints are written by all processes (orbax)."""
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (nothing to wait for in one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 # -- each process loads only its share ---------------------------------------------------

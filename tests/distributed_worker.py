@@ -6,7 +6,10 @@ MODE 'train': joins the job (when COORD is given), runs STEPS distillation steps
 LLaMA and STEPS SASRec train steps over a data=2,fsdp=2 mesh of every device, each process
 feeding only its rows of each global batch; saves the distillation state with orbax into
 CKPT_DIR (all processes together) and writes losses and the adapter to OUT_JSON (process
-0). MODE 'restore': one process restores CKPT_DIR and writes the restored adapter.
+0). Then it distils to the end with `distill.train_and_evaluate` on a data=1,fsdp=4 mesh
+(the base weights sharded across the processes) in CKPT_DIR + "_run", and process 0
+exports the PEFT adapter to CKPT_DIR + "_peft". MODE 'restore': one process restores
+CKPT_DIR and writes the restored adapter.
 The device count comes from XLA_FLAGS, set by the test.
 """
 
@@ -22,6 +25,8 @@ from slim_jax import distributed  # noqa: E402  (before any device is touched)
 
 STEPS = 3
 MESH = "data=2,fsdp=2"
+FSDP_MESH = "data=1,fsdp=4"  # fsdp spans both processes of the two-process job
+RUN_STEPS = 4
 B, T = 8, 24  # distillation batch
 RB, RL, ITEMS = 16, 10, 40  # recommender batch, length, items
 
@@ -50,8 +55,10 @@ def recommender_batches():
     targets = np.roll(inputs, -1, axis=1)
     targets[:, -1] = rng.integers(1, ITEMS + 1, size=RB)
     targets[inputs == 0] = 0
+    real = inputs != 0
     out.append({"inputs": inputs, "targets": targets,
                 "negatives": rng.integers(1, ITEMS + 1, size=(RB, RL)).astype(np.int32),
+                "lengths": np.where(real, np.cumsum(real, axis=1), 0).astype(np.int32),
                 "users": np.arange(RB, dtype=np.int32)})
   return out
 
@@ -116,6 +123,34 @@ def train(out_path: str, ckpt_dir: str) -> None:
                  "lora": jax.tree.map(lambda x: x.tolist(), lora_host)}, f)
 
 
+def distill_to_the_end(run_dir: str, peft_dir: str) -> None:
+  """The whole training path: batches, steps, held-out NLL, checkpoints, logs, export."""
+  import jax
+  import numpy as np
+  from flax import linen as nn
+  from slim_jax import sharding
+  from slim_jax.data import rationale_examples as rx
+  from slim_jax.models import llama, lora
+  from slim_jax.train import distill, optim
+  cfg = llama.LlamaConfig.tiny(vocab_size=64)
+  params = nn.unbox(llama.Llama(cfg).init(jax.random.key(0), np.zeros((1, 8), np.int32)))
+  params = jax.tree.map(np.asarray, params["params"])
+  rng = np.random.default_rng(2)
+  examples = [rx.Example(user_id=i, input_ids=rng.integers(3, 64, size=n).astype(np.int32),
+                         loss_mask=np.arange(n) >= 6)
+              for i, n in enumerate(rng.integers(12, T + 1, size=20))]
+  spec = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1)
+  config = distill.DistillConfig(
+      lora=spec, optim=optim.OptimConfig(learning_rate=5e-3, warmup_steps=1,
+                                         total_steps=RUN_STEPS),
+      batch_size=B, max_length=T, eval_every=2, checkpoint_every=2, log_every=1)
+  result = distill.train_and_evaluate(config, cfg, params, examples[:16], examples[16:], 0,
+                                      run_dir, progress=True,
+                                      mesh=sharding.make_mesh(FSDP_MESH))
+  if distributed.is_main_process():
+    lora.save_peft(peft_dir, result.lora, spec)
+
+
 def restore(out_path: str, ckpt_dir: str) -> None:
   import jax
   from slim_jax.train import checkpoints
@@ -132,7 +167,11 @@ def main(argv):
   out_path, ckpt_dir, mode = argv[1:4]
   if len(argv) > 4:
     distributed.initialize(argv[4], int(argv[5]), int(argv[6]))
-  (train if mode == "train" else restore)(out_path, ckpt_dir)
+  if mode == "train":
+    train(out_path, ckpt_dir)
+    distill_to_the_end(ckpt_dir + "_run", ckpt_dir + "_peft")
+  else:
+    restore(out_path, ckpt_dir)
 
 
 if __name__ == "__main__":

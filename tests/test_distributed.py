@@ -98,6 +98,28 @@ def test_two_processes_match_one_process(runs):
 
 
 @pytest.mark.slow
+def test_fsdp_across_processes_distils_to_the_end_and_exports_the_same_adapter(runs):
+  from slim_jax.models import lora
+  from slim_jax.train import metrics_log
+  *_, tmp = runs
+  two, spec_two = lora.load_peft(str(tmp / "ckpt_two_peft"))
+  one, spec_one = lora.load_peft(str(tmp / "ckpt_one_peft"))
+  assert spec_two == spec_one
+  for a, b in zip(_leaves(two), _leaves(one), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  assert any(np.abs(x).max() > 0 for x in _leaves(two))
+  # Process 0 alone wrote the run's logs: the same lines as the one-process run, one
+  # TensorBoard file.
+  lines_two = metrics_log.read_metrics(str(tmp / "ckpt_two_run" / "logs"))
+  lines_one = metrics_log.read_metrics(str(tmp / "ckpt_one_run" / "logs"))
+  assert [r["step"] for r in lines_two] == [r["step"] for r in lines_one]
+  events = [f for f in os.listdir(tmp / "ckpt_two_run" / "logs") if "tfevents" in f]
+  assert len(events) == 1
+  assert sorted(os.listdir(tmp / "ckpt_two_run" / "checkpoints")) == sorted(
+      os.listdir(tmp / "ckpt_one_run" / "checkpoints"))
+
+
+@pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(runs):
   two, _, restored, _ = runs
   assert restored["step"] == 3 and restored["meta"] == {"step": 3}

@@ -52,18 +52,35 @@ def tensors_to_params(config, tensors: dict[str, np.ndarray], source: str,
                       param_dtype=None) -> dict:
   """Strictly converts HF-named tensors to the Flax tree of `config`."""
   from slim_jax.models import llama  # pylint: disable=import-outside-toplevel
-  tensors = dict(tensors)
   # Buffers older transformers versions saved; not parameters.
-  for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
-    del tensors[key]
+  skip = {k for k in tensors if k.endswith("rotary_emb.inv_freq")}
   if config.tie_word_embeddings and "lm_head.weight" in tensors:
-    head = tensors.pop("lm_head.weight")
-    if not np.array_equal(head, tensors.get("model.embed_tokens.weight")):
+    skip.add("lm_head.weight")
+    if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
       raise ValueError(f"{source}: config says tie_word_embeddings=true but lm_head.weight "
                        "differs from model.embed_tokens.weight; set tie_word_embeddings "
                        "to false in config.json")
+  tensors = _Without(tensors, skip)  # a view: a lazy folder stays lazy
   return hf_to_flax(table(config), tensors, llama.param_shapes(config), source=source,
                     dtype=_numpy_dtype(param_dtype))
+
+
+class _Without(Mapping):
+  """`tensors` less the keys in `skip`, read through (nothing is copied)."""
+
+  def __init__(self, tensors: Mapping, skip: set[str]):
+    self._tensors, self._skip = tensors, skip
+
+  def __getitem__(self, key):
+    if key in self._skip:
+      raise KeyError(key)
+    return self._tensors[key]
+
+  def __iter__(self):
+    return (k for k in self._tensors if k not in self._skip)
+
+  def __len__(self) -> int:
+    return sum(1 for _ in self)
 
 
 def read_config(path: str):

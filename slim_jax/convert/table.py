@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -29,11 +30,9 @@ def transpose(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T)
 
 
-def read_safetensors_folder(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a Hugging Face folder: model.safetensors or a sharded index."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-
+def read_safetensors_folder(path: str) -> "SafetensorsFolder":
+  """The tensors of a Hugging Face folder (model.safetensors or a sharded index), read from
+  disk one at a time as they are asked for."""
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(index):
@@ -48,15 +47,63 @@ def read_safetensors_folder(path: str) -> dict[str, np.ndarray]:
             if "pytorch_model.bin" in found else "")
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                             f"(found {found}){hint}")
-  tensors: dict[str, np.ndarray] = {}
-  for name in files:
-    file = os.path.join(path, name)
-    try:
-      tensors.update(load_file(file))
-    except (SafetensorError, OSError, ValueError) as e:
-      raise ValueError(f"{file}: cannot read safetensors ({e}); the file may be truncated "
-                       "or corrupt: copy it again") from e
-  return tensors
+  return SafetensorsFolder([os.path.join(path, name) for name in files])
+
+
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  return {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+          "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+          "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFolder(Mapping):
+  """{key: tensor} over safetensors files; a tensor is read (plain reads, no memory map)
+  when it is looked up, so a conversion holds the converted tree and one source tensor,
+  not a second copy of the model."""
+
+  def __init__(self, files: list[str]):
+    dtypes = _safetensors_dtypes()
+    self._where: dict[str, tuple] = {}  # key -> (file, dtype, shape, first byte, end byte)
+    for file in files:
+      try:
+        with open(file, "rb") as f:
+          size = os.fstat(f.fileno()).st_size
+          (length,) = struct.unpack("<Q", f.read(8))
+          if length > size:
+            raise ValueError(f"header length {length} exceeds the file size {size}")
+          header = json.loads(f.read(length))
+        base = 8 + length
+        for key, info in header.items():
+          if key == "__metadata__":
+            continue
+          begin, stop = info["data_offsets"]
+          if info["dtype"] not in dtypes or base + stop > size:
+            raise ValueError(f"tensor {key!r}: dtype {info['dtype']} or offsets {begin}-"
+                             f"{stop} cannot be read")
+          self._where[key] = (file, dtypes[info["dtype"]], tuple(info["shape"]),
+                              base + begin, base + stop)
+      except (OSError, ValueError, KeyError, struct.error) as e:
+        raise ValueError(f"{file}: cannot read safetensors ({e}); the file may be truncated "
+                         "or corrupt: copy it again") from e
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    file, dtype, shape, begin, stop = self._where[key]
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    if flat.nbytes != stop - begin:
+      raise ValueError(f"{file}: tensor {key!r} has {stop - begin} bytes for shape {shape}")
+    with open(file, "rb") as f:
+      f.seek(begin)
+      if f.readinto(flat) != flat.nbytes:
+        raise ValueError(f"{file}: tensor {key!r} is cut short; copy the file again")
+    return out
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
 
 
 def hf_to_flax(table: Table, tensors: Mapping[str, np.ndarray],

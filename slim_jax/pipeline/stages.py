@@ -336,6 +336,7 @@ class DistillStageConfig:
   num_steps: int = 0
   min_rationale_tokens: int = 8  # drop examples whose prompt leaves fewer
   keep_cut_rationales: bool = False  # train on rationales cut by the teacher's max_tokens
+  param_dtype: str | None = None  # the frozen base's weights: None = float32, "bfloat16"
   heldout_fraction: float = 0.1
   force: bool = False  # train again from step 0, even when the adapter is up to date
   progress: bool = True
@@ -347,6 +348,7 @@ def distill(layout: RunLayout, config: DistillStageConfig) -> dict | None:
   distill/checkpoints when they were made from the same config and data. Raises ValueError
   when fewer than two examples are usable (the message says why)."""
   import shutil  # pylint: disable=import-outside-toplevel
+  from slim_jax import distributed  # pylint: disable=import-outside-toplevel
   from slim_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
   from slim_jax.data import rationale_examples as rx  # pylint: disable=import-outside-toplevel
   from slim_jax.models import lora  # pylint: disable=import-outside-toplevel
@@ -358,11 +360,14 @@ def distill(layout: RunLayout, config: DistillStageConfig) -> dict | None:
   out = layout.distill
   os.makedirs(out, exist_ok=True)
   records = rx.read_teacher_jsonl(rationales_path)
-  model_config, params, tokenizer = pretrained.load_llama(config.init_from)
+  model_config, params, tokenizer = pretrained.load_llama(config.init_from,
+                                                          param_dtype=config.param_dtype)
   examples, report = rx.build_examples(records, tokenizer, train_config.max_length,
                                        config.min_rationale_tokens,
                                        keep_cut=config.keep_cut_rationales)
-  io.write_json(os.path.join(out, "truncation_report.json"), report.to_dict(), default=str)
+  main = distributed.is_main_process()  # run-level files are written once, by process 0
+  if main:
+    io.write_json(os.path.join(out, "truncation_report.json"), report.to_dict(), default=str)
   logging.info("distillation data: %s", report.summary())
   if len(examples) < 2:
     hint = ("raise --max_length" if report.examples_dropped.get("prompt_too_long")
@@ -400,17 +405,19 @@ def distill(layout: RunLayout, config: DistillStageConfig) -> dict | None:
       logging.info("%s matches %s: nothing to do (--force trains again)", adapter_dir,
                    manifest_path)
       return None
-  if config.force:  # from scratch: no checkpoint of an earlier run is resumed
+  if config.force and main:  # from scratch: no checkpoint of an earlier run is resumed
     for stale in (distill_lib.CHECKPOINT_DIR, distill_lib.LOG_DIR):
       shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+  distributed.barrier("distill stage: ready to train")
   logging.info("%d train / %d held-out examples, %d steps (%d per epoch), LoRA %s",
                len(train), len(heldout), num_steps, per_epoch, train_config.lora)
   start = time.time()
   result = distill_lib.train_and_evaluate(train_config, model_config, params, train, heldout,
                                           pad_id, out, progress=config.progress)
-  lora.save_peft(adapter_dir, result.lora, train_config.lora,
-                 base_model_name_or_path=os.path.abspath(config.init_from),
-                 num_layers=model_config.num_hidden_layers)
+  if main:
+    lora.save_peft(adapter_dir, result.lora, train_config.lora,
+                   base_model_name_or_path=os.path.abspath(config.init_from),
+                   num_layers=model_config.num_hidden_layers)
   summary = {"steps": result.final_step, "final_loss": result.final_loss,
              "initial_heldout_nll": result.initial_heldout_nll,
              "final_heldout_nll": result.final_heldout_nll,
@@ -418,8 +425,10 @@ def distill(layout: RunLayout, config: DistillStageConfig) -> dict | None:
              "train_examples": len(train), "heldout_examples": len(heldout),
              "adapter_parameters": lora.num_parameters(result.lora),
              "adapter": adapter_dir}
-  io.write_json(os.path.join(out, "summary.json"), summary, default=str)
-  io.write_json(manifest_path, manifest, default=str)
+  if main:
+    io.write_json(os.path.join(out, "summary.json"), summary, default=str)
+    io.write_json(manifest_path, manifest, default=str)
+  distributed.barrier("distill stage: adapter written")
   return summary
 
 

@@ -281,7 +281,9 @@ def train_and_evaluate(config: DistillConfig, model_config: llama.LlamaConfig,
                       "%s); deleting them and training from the start", ckpt.directory,
                       meta.get("fingerprint"), run_id)
       ckpt.close()
-      shutil.rmtree(ckpt.directory)
+      if distributed.is_main_process():
+        shutil.rmtree(ckpt.directory)
+      distributed.barrier("distill: stale checkpoints deleted")
       ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints)
       state, resumed_from = None, None
@@ -289,8 +291,9 @@ def train_and_evaluate(config: DistillConfig, model_config: llama.LlamaConfig,
     state = distiller.init_state()
   start = int(state.step)
 
+  main = distributed.is_main_process()  # the run's logs are written once, by process 0
   writer = metrics_log.MetricsWriter(os.path.join(workdir, LOG_DIR),
-                                     resume_step=resumed_from)
+                                     resume_step=resumed_from, enabled=main)
   initial_nll = None
   if resumed_from is not None:  # the interrupted run measured it at step 0
     initial_nll = next((r["eval/heldout_nll"] for r in metrics_log.read_metrics(writer.logdir)
@@ -302,7 +305,7 @@ def train_and_evaluate(config: DistillConfig, model_config: llama.LlamaConfig,
   final_nll = initial_nll
 
   bar = None
-  if progress:
+  if progress and main:
     from tqdm import tqdm
     bar = tqdm(total=config.num_steps, initial=start, desc="distill", unit="step",
                dynamic_ncols=True)
@@ -357,5 +360,5 @@ def train_and_evaluate(config: DistillConfig, model_config: llama.LlamaConfig,
   final_step = int(state.step)
   return DistillResult(final_step=final_step, final_loss=losses.get(final_step, float("nan")),
                        initial_heldout_nll=initial_nll, final_heldout_nll=float(final_nll),
-                       losses=losses, lora=jax.device_get(state.lora),
+                       losses=losses, lora=distributed.to_host(state.lora),
                        resumed_from=resumed_from)

@@ -28,10 +28,16 @@ def read_metrics(logdir: str) -> list[dict]:
 class MetricsWriter:
   """Writes scalars to `logdir/metrics.jsonl` and TensorBoard event files in `logdir`."""
 
-  def __init__(self, logdir: str, resume_step: int | None = None, tensorboard: bool = True):
-    os.makedirs(logdir, exist_ok=True)
+  def __init__(self, logdir: str, resume_step: int | None = None, tensorboard: bool = True,
+               enabled: bool = True):
+    """`enabled=False` (every process of a multi-process run but the first) writes
+    nothing, so the run's files are written once."""
     self.logdir = logdir
     self.path = os.path.join(logdir, METRICS_FILE)
+    self._jsonl = self._tb = None
+    if not enabled:
+      return
+    os.makedirs(logdir, exist_ok=True)
     if os.path.exists(self.path):
       keep = [] if resume_step is None else [
           r for r in read_metrics(logdir) if r.get("step", 0) <= resume_step]
@@ -43,6 +49,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(logdir=logdir, purge_step=resume_step)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if self._jsonl is None:
+      return
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self._jsonl.append({"step": int(step), "time": time.time(), **values})
     if self._tb is not None:
@@ -54,7 +62,8 @@ class MetricsWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -125,3 +125,25 @@ def test_smoke_run_writes_adapter_reports_and_logs(tmp_path, tiny_student):
       "q_proj", "k_proj", "v_proj", "o_proj"}
   assert _steps_saved(workdir) == [1, 2]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "logs")))
+
+
+@pytest.mark.parametrize("param_dtype", [None, "bfloat16"])
+def test_the_base_loads_and_trains_in_float32_and_bfloat16(tmp_path, tiny_student, param_dtype):
+  import jax
+  from slim_jax.convert import pretrained
+  from slim_jax.models import lora
+  from slim_jax.pipeline import stages
+  from slim_jax.pipeline.layout import RunLayout
+  from slim_jax.train import distill as distill_lib
+  folder, rationales = tiny_student
+  _, params, _ = pretrained.load_llama(folder, param_dtype=param_dtype)
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {param_dtype or "float32"}
+  train = distill_lib.DistillConfig(batch_size=8, max_length=384, eval_every=1000,
+                                    checkpoint_every=1000)
+  summary = stages.distill(RunLayout(str(tmp_path)), stages.DistillStageConfig(
+      init_from=folder, train=train, rationales=rationales, num_steps=2,
+      param_dtype=param_dtype, progress=False))
+  assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+  assert summary["final_heldout_nll"] < summary["initial_heldout_nll"] + 1.0
+  adapter, _ = lora.load_peft(summary["adapter"])
+  assert {str(x.dtype) for x in jax.tree.leaves(adapter)} == {"float32"}

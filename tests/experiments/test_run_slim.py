@@ -103,19 +103,33 @@ def tiny_student(tmp_path_factory):
   return write_tiny_llama(tmp_path_factory.mktemp("tiny_student"))
 
 
-def test_smoke_pipeline_end_to_end_with_a_tiny_student_then_rerun_skips(tmp_path,
-                                                                        tiny_student):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_student):
+  """One smoke pipeline run with a tiny student: (workdir, the flags it ran with)."""
   # A random 2-layer student keeps the LLM stages to seconds; its text has no step
   # structure, so the Step ablations (which need parsed steps) are left out here.
-  variants = ("backbone", "backbone+", "slim-", "slim", "slim-shuffled", "agnostic",
-              "agnostic-history")
-  work = tmp_path / "w"
-  args = (f"--student={tiny_student}", f"--variants={','.join(variants)}")
+  work = tmp_path_factory.mktemp("smoke") / "w"
+  args = (f"--student={tiny_student}", f"--variants={','.join(SMOKE_VARIANTS)}")
   first = _run(f"--workdir={work}", "--preset=smoke", *args, timeout=900)
   assert first.returncode == 0, first.stderr[-3000:]
   assert first.stdout.count("done in") == 7, first.stdout
-  _check_outputs(work, variants)
+  return work, args
+
+
+SMOKE_VARIANTS = ("backbone", "backbone+", "slim-", "slim", "slim-shuffled", "agnostic",
+                  "agnostic-history")
+
+
+def test_smoke_pipeline_end_to_end_with_a_tiny_student_then_rerun_skips(smoke_run):
+  work, args = smoke_run
+  _check_outputs(work, SMOKE_VARIANTS)
   _assert_rerun_skips_everything(work, *args)
+
+
+@pytest.mark.slow  # two more pipeline runs (about 3 minutes); the fast test above keeps the
+# end-to-end run and the skip of an unchanged rerun
+def test_changed_epochs_and_adapter_rerun_only_their_stages(smoke_run):
+  work, args = smoke_run
   _another_epochs_retrains_and_reports_the_new_results(work, *args)
   _a_changed_adapter_rewrites_every_student_rationale(work, *args)
 
