@@ -26,4 +26,18 @@ if grep -E "HTTP Request:|^I[0-9]{4} .*(checkpoint|orbax|jax\._src)" "$tmp/termi
   echo "fresh-machine check: library INFO lines reached the terminal (above)" >&2
   exit 1
 fi
+for f in rationales/teacher.jsonl rationales/student_train.jsonl distill/peft_adapter \
+         embeddings/items.npy recommend/results.json report/claims.csv report/results.csv; do
+  test -e "runs/smoke/$f" || { echo "fresh-machine check: runs/smoke/$f is missing" >&2; exit 1; }
+done
 echo "fresh-machine check: the smoke run finished in $(( $(date +%s) - start )) s in all"
+# An unchanged rerun must skip every stage (the stage fingerprints).
+.venv/bin/python experiments/run_slim.py --workdir=runs/smoke --preset=smoke > "$tmp/rerun.log" 2>&1
+.venv/bin/python - <<'PY'
+import json, sys
+record = json.load(open("runs/smoke/pipeline/last_run.json"))
+statuses = [r["status"] for r in record]
+if statuses != ["skipped"] * 7:
+  sys.exit(f"fresh-machine check: an unchanged rerun did not skip every stage: {record}")
+PY
+echo "fresh-machine check: an unchanged rerun skipped all 7 stages"

@@ -133,8 +133,7 @@ def main(argv=None) -> None:
                                                     "results", "gpu_benchmark.json"))
   args = parser.parse_args(argv)
   if args.quick:
-    runs = [("tiny-llama", llama.LlamaConfig.tiny(), 2, 64, False),
-            ("tiny-llama-remat", llama.LlamaConfig.tiny(), 2, 64, True)]
+    runs = [("tiny-llama-remat", llama.LlamaConfig.tiny(), 2, 64, True)]
     steps = min(args.steps, 3)
     generation = [("tiny-llama", llama.LlamaConfig.tiny(), 4, 16, 8)]
   else:

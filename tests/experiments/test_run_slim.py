@@ -120,6 +120,8 @@ SMOKE_VARIANTS = ("backbone", "backbone+", "slim-", "slim", "slim-shuffled", "ag
                   "agnostic-history")
 
 
+@pytest.mark.slow  # 4-5 minutes; CI's fresh-machine check (.ci/fresh_machine.sh) runs the
+# smoke preset end to end with the real SmolLM2, checks its outputs and that a rerun skips
 def test_smoke_pipeline_end_to_end_with_a_tiny_student_then_rerun_skips(smoke_run):
   work, args = smoke_run
   _check_outputs(work, SMOKE_VARIANTS)
