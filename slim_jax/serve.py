@@ -64,8 +64,7 @@ class APIError(Exception):
     self.close = close  # the connection cannot go on (the body was not read)
 
   def body(self) -> dict:
-    return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                      "code": self.code}}
+    return serve_guard.error_body(self.message, self.type, self.param, self.code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,9 +297,9 @@ class ChatServer:
 
   def health(self) -> tuple[int, dict]:
     alive = self.batcher.alive
-    return (200 if alive and not self._draining else 503), {
-        "status": "ok" if alive and not self._draining else
-                  "draining" if alive else "batcher_stopped",
+    status = "batcher_stopped" if not alive else "draining" if self._draining else "ok"
+    return (200 if status == "ok" else 503), {
+        "status": status,
         "batcher_alive": alive, "queued_rows": self.batcher.queued_rows,
         "max_queued_rows": self.limits.max_queued_rows,
         "open_connections": self.guard.open, "max_connections": self.limits.max_connections,

@@ -45,12 +45,17 @@ class ServerLimits:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict:
+  """OpenAI's error body, the one shape every error of the server has."""
+  return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error_response(status: int, reason: str, message: str, code: str,
                    extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-  """A complete HTTP/1.1 response with OpenAI's error body and `Connection: close`."""
-  body = json.dumps({"error": {"message": message, "type": "server_error" if status >= 500
-                               else "invalid_request_error", "param": None,
-                               "code": code}}).encode()
+  """A complete HTTP/1.1 response with OpenAI's error body and `Connection: close`, for
+  connections no handler serves (over the cap, a request head that timed out)."""
+  body = json.dumps(error_body(message, "server_error" if status >= 500
+                               else "invalid_request_error", None, code)).encode()
   head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
           f"Content-Length: {len(body)}", "Connection: close",
           *(f"{k}: {v}" for k, v in extra_headers)]

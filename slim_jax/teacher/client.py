@@ -3,8 +3,8 @@
 `collect` sends one chat completion per user with at most `concurrency` requests in flight,
 appends each answer to a JSONL file as soon as it arrives (`rationales.Appender`: one
 complete, fsynced line per user) and skips users the file already holds, so a run that dies
-loses nothing and a rerun asks only for the users not yet done. `requests_per_minute` and `tokens_per_minute` hold
-the request rate under the endpoint's limits, and `max_total_tokens` caps what a run may
+loses nothing and a rerun asks only for the users not yet done. `requests_per_minute` and
+`tokens_per_minute` hold the request rate under the endpoint's limits, and `max_total_tokens` caps what a run may
 spend (`limits.py`): once the next request might pass it, the run stops asking, keeps every
 answer so far and counts the users it did not ask (`Stats.users_over_cap`).
 
@@ -341,12 +341,12 @@ async def _attempts(client: openai.AsyncOpenAI, config: ClientConfig, user_id: i
 async def _collect(requests: Sequence[tuple[int, list[dict]]], out_path: str,
                    config: ClientConfig, key: str | None, stats: Stats,
                    progress: Callable[[Stats], None] | None,
-                   fields: dict[int, dict] | None, budget: limits.TokenBudget) -> None:
+                   fields: dict[int, dict] | None, limiter: limits.RateLimiter,
+                   budget: limits.TokenBudget) -> None:
   client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=config.base_url,
                               timeout=config.timeout, max_retries=0)
   semaphore = asyncio.Semaphore(config.concurrency)
   rng = random.Random(config.seed)
-  limiter = limits.RateLimiter(config.requests_per_minute, config.tokens_per_minute)
   budget.start()
 
   async def one(user_id: int, messages: list[dict], appender: rationales.Appender):
@@ -399,9 +399,11 @@ def collect(requests: Sequence[tuple[int, list[dict]]], out_path: str, config: C
   stats.users_skipped = len(requests) - len(todo)
   stats.users_requested = len(todo)
   budget = budget or limits.TokenBudget(config.max_total_tokens)
-  limits.RateLimiter(config.requests_per_minute, config.tokens_per_minute).check_fits(
-      max((limits.estimate_tokens(m, config.max_tokens) for _, m in todo), default=0))
+  limiter = limits.RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+  limiter.check_fits(max((limits.estimate_tokens(m, config.max_tokens) for _, m in todo),
+                         default=0))  # before any request, not after the first ones
   if todo:
-    asyncio.run(_collect(todo, out_path, config, api_key, stats, progress, fields, budget))
+    asyncio.run(_collect(todo, out_path, config, api_key, stats, progress, fields, limiter,
+                         budget))
   stats.seconds = time.perf_counter() - start
   return stats
