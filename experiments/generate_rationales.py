@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from slim_jax import assets  # noqa: E402
+from slim_jax import precision  # noqa: E402
 from slim_jax.pipeline import stages  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
 
@@ -44,6 +45,9 @@ flags.DEFINE_float("temperature", _D.temperature, "Sampling temperature (0 = gre
 flags.DEFINE_integer("holdout", _D.holdout, "A training rationale is written from the "
                      "training prefix less its last this many items (at most half of it); "
                      "docs/causal_rationales.md.")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "Weights and products: auto = bfloat16 on GPU, TPU and CPUs with bf16 "
+                  "matrix units (slim_jax/precision.py), else float32.")
 flags.DEFINE_string("fingerprint", None, "Identity of what the rationales are made from, "
                     "recorded in each record; records with another are written again "
                     "(default: a hash of the student, the adapter and these flags; "
@@ -67,6 +71,7 @@ def main(argv):
   except assets.MissingAsset as e:
     raise app.UsageError(str(e)) from None
   config = stages.GenerateConfig(student=student, adapter=None if adapter == "none" else adapter,
+                                 dtype=precision.resolve(FLAGS.dtype),
                                  **{name: FLAGS[name].value for name in CONFIG_FIELDS})
   try:
     stages.generate(layout, config, FLAGS.fingerprint)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from slim_jax.models.layers import Linear
+from slim_jax.models.layers import Linear, matmul
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, K, S, H]
 
@@ -192,11 +192,13 @@ def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B, T, N, H] rotated by position; cos/sin [B, T, H]."""
+  """x [B, T, N, H] rotated by position; cos/sin [B, T, H]. Computed in float32 (in bf16,
+  XLA:CPU rounds after every multiply and add) and returned in x's dtype."""
   half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-  return x * cos + rotated * sin
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  cos, sin = cos[:, :, None, :half], sin[:, :, None, :half]  # rotate_half: both halves alike
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -231,6 +233,45 @@ class _Block(nn.Module):
     return lambda x: linear(x, deterministic=self.deterministic)
 
 
+QUERY_CHUNK = 128  # query positions per block of full-sequence causal attention
+
+
+def _attend(q, key, value, allowed):
+  """softmax(q k^T / sqrt(H)) v over the allowed slots.
+
+  q [B, K, G, T, H] (the G query heads of each kv head); key, value [B, K, S, H];
+  allowed [B, T, S] bool -> [B, K, G, T, H].
+
+  Head n uses kv head n // G (G = N/K), as repeat_kv does. The G query heads of a kv head
+  and the T positions form one [G*T, H] matrix per (row, kv head); the products are
+  batched over (B, K). Decoding (T = 1) is a read of the whole cache for G query vectors,
+  and on XLA:CPU a multiply-and-sum over H streams the keys where a matmul with G rows
+  does not: SmolLM2, 16 rows, one decode step 102 -> 74 ms at 1024 cache slots (4 rows
+  42 -> 30 ms, one row about the same). The probabilities times the values stay a
+  dot_general (as a sum it was slower). In prefill, operand order matters: with one row
+  the cache first ([S, H] x [H, G*T], S rows to split over threads), else queries first.
+  Products take 16-bit operands with float32 accumulation (layers.matmul's rule).
+  """
+  b, k, g, t, h = q.shape
+  q = q.reshape(b, k, g * t, h)
+  batch_bk = ((0, 1), (0, 1))
+  if t == 1:  # [B, K, G, 1, H] * [B, K, 1, S, H] summed over H
+    scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * key[:, :, None, :, :],
+                     axis=-1)
+  elif b == 1:
+    scores = jax.lax.dot_general(key, q, (((3,), (3,)), batch_bk),
+                                 preferred_element_type=jnp.float32).swapaxes(2, 3)
+  else:
+    scores = jax.lax.dot_general(q, key, (((3,), (3,)), batch_bk),
+                                 preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, k, g, t, -1) / np.sqrt(h)  # [B, K, G, T, S]
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, k, g * t, -1)
+  out = jax.lax.dot_general(probs, value, (((3,), (2,)), batch_bk),
+                            preferred_element_type=jnp.float32).astype(q.dtype)
+  return out.reshape(b, k, g, t, h)
+
+
 class Attention(_Block):
   """Grouped-query attention with RoPE and an optional KV cache."""
 
@@ -255,33 +296,23 @@ class Attention(_Block):
       key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), start)
       value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), start)
       new_cache = (key, value)  # [B, K, S, H]
-    # Head n uses kv head n // G (G = N/K), as repeat_kv does. The G query heads of a kv
-    # head and the T positions form one [G*T, H] matrix per (row, kv head); the products
-    # are batched over (B, K). Decoding (T = 1) is a read of the whole cache for G query
-    # vectors, and on XLA:CPU a multiply-and-sum over H streams the keys where a matmul with
-    # G rows does not: SmolLM2, 16 rows, one decode step 102 -> 74 ms at 1024 cache slots
-    # (4 rows 42 -> 30 ms, one row about the same). The probabilities times the values stay
-    # a dot_general (as a sum it was slower). In prefill, operand order matters: with one
-    # row the cache first ([S, H] x [H, G*T], S rows to split over threads), else queries
-    # first.
     g = n // k
-    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-    batch_bk = ((0, 1), (0, 1))
+    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     key = key.astype(q.dtype)
-    if t == 1:  # [B, K, G, 1, H] * [B, K, 1, S, H] summed over H
-      scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * key[:, :, None, :, :],
-                       axis=-1)
-    elif b == 1:
-      scores = jax.lax.dot_general(key, q, (((3,), (3,)), batch_bk),
-                                   preferred_element_type=jnp.float32).swapaxes(2, 3)
+    value = value.astype(q.dtype)
+    if cache is None and t > QUERY_CHUNK:
+      # Training and scoring: causal attention in query chunks, each against the keys up to
+      # its last position only, so the masked upper triangle is mostly never computed (at
+      # T = 512 and chunks of 128, 62% of the full score matrix).
+      outs = []
+      for lo in range(0, t, QUERY_CHUNK):
+        hi = min(lo + QUERY_CHUNK, t)
+        outs.append(_attend(q[:, :, :, lo:hi], key[:, :, :hi], value[:, :, :hi],
+                            allowed[:, lo:hi, :hi]))
+      out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
     else:
-      scores = jax.lax.dot_general(q, key, (((3,), (3,)), batch_bk),
-                                   preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, k, g, t, -1) / np.sqrt(h)  # [B, K, G, T, S]
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, k, g * t, -1)
-    out = jax.lax.dot_general(probs, value.astype(q.dtype), (((3,), (2,)), batch_bk))
-    out = out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
+      out = _attend(q, key, value, allowed)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
     return self.dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out), new_cache
 
 
@@ -321,8 +352,11 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
-               cache: Cache | None = None, cache_index=None, last_only: bool = False):
+               cache: Cache | None = None, cache_index=None, last_only: bool = False,
+               return_hidden: bool = False):
     """Logits [B, T, V] float32 (or [B, 1, V] with last_only); with a cache, also the new one.
+    With return_hidden (no cache): the final normed hidden states [B, T, D] instead of
+    logits, for a loss that applies the output head itself (slim_jax/train/token_loss.py).
 
     input_ids [B, T]; attention_mask [B, T] (no cache) or [B, S] over cache slots (cache);
     positions [B, T] (required with a cache); cache_index: first cache slot to write.
@@ -362,10 +396,14 @@ class Llama(nn.Module):
                              cache_index)
       new_cache.append(layer_cache)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
+    if return_hidden:
+      if cache is not None:
+        raise ValueError("return_hidden is for full sequences, not with a KV cache")
+      return x
     if last_only:
       x = x[:, -1:]
-    if cfg.tie_word_embeddings:
-      logits = embed.attend(x)
+    if cfg.tie_word_embeddings:  # [B, T, D] x [V, D]^T, accumulated and returned in float32
+      logits = matmul(x, embed.embedding, dtype, jnp.float32, w_transposed=True)
     else:
       logits = Linear(cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
                       param_dtype=param_dtype, lora_scale=self.lora_scale,

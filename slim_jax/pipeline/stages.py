@@ -42,6 +42,7 @@ class GenerateConfig:
   temperature: float = 0.0  # 0 = greedy
   kinds: tuple[str, ...] = prompts.KINDS
   holdout: int = prompts.DEFAULT_RATIONALE_HOLDOUT  # training items after a 'train' cutoff
+  dtype: str = "float32"  # weights and products; slim_jax/precision.py picks the fast one
 
   def fingerprint(self) -> str:
     """What a rationale depends on besides its prompt: the student (file identity), the
@@ -50,7 +51,7 @@ class GenerateConfig:
                 "student_files": io.stat_signature(self.student),
                 "adapter": io.hash_path(self.adapter) if self.adapter else None,
                 "max_new_tokens": self.max_new_tokens, "max_seq_len": self.max_seq_len,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "dtype": self.dtype}
     return io.fingerprint(identity)
 
 
@@ -100,7 +101,7 @@ def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None 
     return 0
   batch_size = balanced_batch_size(len(jobs), config.batch_size)
   generator, name = generator_loading.load_generator(
-      config.student, config.adapter, batch_size, config.max_seq_len, "float32",
+      config.student, config.adapter, batch_size, config.max_seq_len, config.dtype,
       pad_batches=True)
   sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature)

@@ -37,7 +37,7 @@ from slim_jax import distributed, sharding
 from slim_jax.data import rationale_examples as rx
 from slim_jax.models import llama
 from slim_jax.models import lora as lora_lib
-from slim_jax.train import checkpoints, metrics_log, optim
+from slim_jax.train import checkpoints, metrics_log, optim, token_loss
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
@@ -94,16 +94,30 @@ def make_model(model_config: llama.LlamaConfig, config: DistillConfig) -> llama.
 
 def token_nll(model: nn.Module, base: Any, adapter: Any, batch: dict, *,
               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """(sum of -log P over loss-masked next tokens, number of those tokens)."""
+  """(sum of -log P over loss-masked next tokens, number of those tokens).
+
+  The output head is applied chunk by chunk (token_loss.chunked_nll), so the [B, T, V]
+  logits never exist; a LoRA adapter on lm_head falls back to the model's full logits.
+  """
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  logits = model.apply({"params": base, "lora": adapter}, batch["input_ids"],
-                       attention_mask=batch["attention_mask"],
-                       deterministic=dropout_rng is None, rngs=rngs)  # [B, T, V]
-  targets = batch["input_ids"][:, 1:]  # [B, T-1]
-  mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), targets)  # [B, T-1]
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  variables = {"params": base, "lora": adapter}
+  kw = dict(attention_mask=batch["attention_mask"], deterministic=dropout_rng is None,
+            rngs=rngs)
+  ids = batch["input_ids"]
+  # Position t predicts token t+1; the last position predicts nothing (mask 0).
+  targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # [B, T]
+  mask = jnp.pad(batch["loss_mask"][:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))  # [B, T]
+  if "lm_head" in adapter:
+    logits = model.apply(variables, ids, **kw)  # [B, T, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+  hidden = model.apply(variables, ids, return_hidden=True, **kw)  # [B, T, D]
+  cfg = model.config
+  if cfg.tie_word_embeddings:  # the embedding [V, D] is the head
+    return token_loss.chunked_nll(hidden, base["embed_tokens"]["embedding"], targets, mask,
+                                  jnp.dtype(cfg.dtype), head_transposed=True)
+  return token_loss.chunked_nll(hidden, base["lm_head"]["kernel"], targets, mask,
+                                jnp.dtype(cfg.dtype))
 
 
 class Distiller:
