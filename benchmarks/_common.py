@@ -47,8 +47,13 @@ class Row:
     return cls(case, unit, float(ours), float(peer), float(ours) / max(float(peer), 1e-12))
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+               ) -> argparse.Namespace:
+  """The shared flags, plus whatever `add_arguments(parser)` adds for one benchmark."""
   parser = argparse.ArgumentParser(description=description)
+  if add_arguments is not None:
+    add_arguments(parser)
   parser.add_argument("--quick", action="store_true",
                       help="reduced size: under three minutes on the 2-core machine")
   parser.add_argument("--out", default=None, help="also write the rows as JSON to this file")

