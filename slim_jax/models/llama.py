@@ -403,7 +403,7 @@ class Llama(nn.Module):
     if last_only:
       x = x[:, -1:]
     if cfg.tie_word_embeddings:  # [B, T, D] x [V, D]^T, accumulated and returned in float32
-      logits = matmul(x, embed.embedding, dtype, jnp.float32, w_transposed=True)
+      logits = matmul(x, embed.embedding.T, dtype, jnp.float32)
     else:
       logits = Linear(cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
                       param_dtype=param_dtype, lora_scale=self.lora_scale,

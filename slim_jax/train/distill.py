@@ -114,8 +114,8 @@ def token_nll(model: nn.Module, base: Any, adapter: Any, batch: dict, *,
   hidden = model.apply(variables, ids, return_hidden=True, **kw)  # [B, T, D]
   cfg = model.config
   if cfg.tie_word_embeddings:  # the embedding [V, D] is the head
-    return token_loss.chunked_nll(hidden, base["embed_tokens"]["embedding"], targets, mask,
-                                  jnp.dtype(cfg.dtype), head_transposed=True)
+    return token_loss.chunked_nll(hidden, base["embed_tokens"]["embedding"].T, targets, mask,
+                                  jnp.dtype(cfg.dtype))
   return token_loss.chunked_nll(hidden, base["lm_head"]["kernel"], targets, mask,
                                 jnp.dtype(cfg.dtype))
 
