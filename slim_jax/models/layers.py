@@ -30,37 +30,33 @@ Dtype = Any
 LORA_COLLECTION = "lora"
 
 
-def matmul(x: jax.Array, w: jax.Array, dtype: Dtype, out_dtype: Dtype | None = None, *,
-           w_transposed: bool = False) -> jax.Array:
-  """x [..., I] @ w [I, F] (or w [F, I] with w_transposed) -> [..., F] in `out_dtype`
-  (default `dtype`), operands in `dtype`; 16-bit dtypes accumulate in float32 (forward and
-  backward)."""
+def matmul(x: jax.Array, w: jax.Array, dtype: Dtype, out_dtype: Dtype | None = None
+           ) -> jax.Array:
+  """x [..., I] @ w [I, F] -> [..., F] in `out_dtype` (default `dtype`), operands in `dtype`;
+  16-bit dtypes accumulate in float32 (forward and backward)."""
   out_dtype = jnp.dtype(dtype if out_dtype is None else out_dtype)
-  spec = "...i,fi->...f" if w_transposed else "...i,if->...f"
   if jnp.dtype(dtype).itemsize >= 4:
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype)).astype(out_dtype)
-  return _mixed_matmul(x.astype(dtype), w.astype(dtype), out_dtype, w_transposed)
+    return jnp.einsum("...i,if->...f", x.astype(dtype), w.astype(dtype)).astype(out_dtype)
+  return _mixed_matmul(x.astype(dtype), w.astype(dtype), out_dtype)
 
 
 def _dot(spec, a, b, dtype):  # 16-bit operands, float32 accumulation
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _mixed_matmul(x, w, out_dtype, w_transposed):
-  return _dot("...i,fi->...f" if w_transposed else "...i,if->...f", x, w, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x, w, out_dtype):
+  return _dot("...i,if->...f", x, w, out_dtype)
 
 
-def _mixed_matmul_fwd(x, w, out_dtype, w_transposed):
-  return _mixed_matmul(x, w, out_dtype, w_transposed), (x, w)
+def _mixed_matmul_fwd(x, w, out_dtype):
+  return _mixed_matmul(x, w, out_dtype), (x, w)
 
 
-def _mixed_matmul_bwd(out_dtype, w_transposed, residuals, g):
+def _mixed_matmul_bwd(out_dtype, residuals, g):
   del out_dtype
-  x, w = residuals  # x [..., I], w [I, F] or [F, I]; g [..., F]
+  x, w = residuals  # x [..., I], w [I, F]; g [..., F]
   g = g.astype(x.dtype)
-  if w_transposed:
-    return _dot("...f,fi->...i", g, w, x.dtype), _dot("...i,...f->fi", x, g, w.dtype)
   return _dot("...f,if->...i", g, w, x.dtype), _dot("...i,...f->if", x, g, w.dtype)
 
 

@@ -19,12 +19,11 @@ DEFAULT_CHUNK = 512  # tokens per block of logits
 
 
 def chunked_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array,
-                dtype, *, head_transposed: bool = False, chunk: int = DEFAULT_CHUNK
-                ) -> tuple[jax.Array, jax.Array]:
+                dtype, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
   """(sum of masked -log P(target), sum of the mask).
 
-  hidden [B, T, D] (after the final norm); head [D, V] (the output kernel), or [V, D] with
-  head_transposed (a tied embedding, read in place); targets [B, T] int; mask [B, T] (0 where no loss); dtype: the
+  hidden [B, T, D] (after the final norm); head [D, V] (the output kernel, or a tied
+  embedding transposed); targets [B, T] int; mask [B, T] (0 where no loss); dtype: the
   products' operand dtype (layers.matmul's rule: 16-bit operands accumulate in float32).
   """
   d = hidden.shape[-1]
@@ -42,8 +41,7 @@ def chunked_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: ja
 
   @jax.checkpoint
   def block_nll(h, t, m):  # h [C, D], t [C], m [C] -> []
-    logits = layers.matmul(h, head, dtype, jnp.float32,
-                           w_transposed=head_transposed)  # [C, V]
+    logits = layers.matmul(h, head, dtype, jnp.float32)  # [C, V]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     return jnp.sum((logz - picked) * m)
