@@ -13,10 +13,18 @@ the highest resident set size above what the process held before a generation (s
 every 5 ms) at the largest batch; the loaded weights, the same size on both sides, are
 not counted.
 
+The end-to-end row writes the student rationales of the pipeline's generate stage: the
+first `--e2e_prompts` MovieLens-100k users' evaluation prompts (5-item histories, the
+default template, about 295 tokens), `--e2e_tokens` new tokens each, start to finish,
+compiling included. Ours runs them as the stage does (Generator.chat, batches of
+`--e2e_batch` sorted by length, a shared prefix held once); Hugging Face runs them in
+batches of `--peer_batch`, left-padded, in the same order. One run each.
+
   .venv/bin/python benchmarks/llama.py [--quick] [--dtype bfloat16] [--batches 1,64]
-      [--out results.json]
-  (full: batch 1, 8, 32, 64, 128; prompt 256; 128 new tokens; 5 repeats.
-   --quick: batch 1 and 32; prompt 32; 12 new tokens; 1 repeat.)
+      [--e2e_prompts 943] [--out results.json]
+  (full: batch 1, 8, 32, 64, 128; prompt 256; 128 new tokens; 5 repeats; 943 prompts of
+   96 tokens end to end. --quick: batch 1 and 32; prompt 32; 12 new tokens; 1 repeat;
+   64 prompts of 12 tokens end to end. --e2e_prompts 0 skips the end-to-end row.)
 """
 
 from __future__ import annotations
@@ -78,6 +86,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batches", default=None,
                         help="comma-separated batch sizes (default: see the module doc)")
+    parser.add_argument("--e2e_prompts", type=int, default=None,
+                        help="student prompts in the end-to-end row (0: skip it)")
+    parser.add_argument("--e2e_batch", type=int, default=128)
+    parser.add_argument("--peer_batch", type=int, default=32)
 
   args = _common.parse_args(__doc__.split("\n\n")[0], argv, add_arguments)
   import torch  # pylint: disable=import-outside-toplevel
@@ -155,7 +167,56 @@ def main(argv=None) -> None:
     memory = _common.Row.cost(f"peak RSS above loaded model, b={b}", "MiB", max(mem_ours),
                               max(mem_peer))
   rows.append(memory)
+  e2e_prompts = args.e2e_prompts if args.e2e_prompts is not None else (64 if args.quick
+                                                                        else 943)
+  if e2e_prompts:
+    rows.append(end_to_end_row(config, params, tokenizer, hf, e2e_prompts,
+                               12 if args.quick else 96, args))
   _common.report(f"llama generation (SmolLM2-135M, {args.dtype}, CPU)", rows, args.out)
+
+
+def student_conversations(n: int) -> list[list[dict]]:
+  """The generate stage's evaluation prompts of the first n MovieLens-100k users."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from slim_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from slim_jax.teacher import prompts  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    data = prepare.prepare_or_load("ml-100k", None, tmp, max_users=0)
+  return [prompts.build_messages(data, u, max_history=5,
+                                 cutoff=prompts.cutoff(data, u, "eval",
+                                                       prompts.DEFAULT_RATIONALE_HOLDOUT))
+          for u in range(min(n, data.num_users))]
+
+
+def end_to_end_row(config, params, tokenizer, hf, n: int, new_tokens: int, args):
+  """Seconds for both sides to write `new_tokens` for each of n student prompts."""
+  import torch  # pylint: disable=import-outside-toplevel
+  conversations = student_conversations(n)
+  gen = generate.Generator(config, params, tokenizer, max_batch_size=args.e2e_batch,
+                           max_seq_len=1024, dtype=getattr(jnp, args.dtype), pad_batches=True)
+  prompts = [gen.chat_ids(m) for m in conversations]
+  sampling = generate.SamplingParams(max_new_tokens=new_tokens)
+
+  def ours():
+    out = gen.chat(conversations, sampling)
+    assert all(c.completion_tokens == new_tokens for c in out)
+
+  def peer():
+    ordered = sorted(prompts, key=len)
+    tokenizer.padding_side = "left"
+    for start in range(0, len(ordered), args.peer_batch):
+      batch = ordered[start:start + args.peer_batch]
+      padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+      with torch.no_grad():
+        out = hf.generate(**padded, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
+      assert out.shape[1] == padded["input_ids"].shape[1] + new_tokens
+
+  ours_s, peer_s = _common.timed(ours), _common.timed(peer)
+  print(f"end to end: {len(prompts)} prompts x {new_tokens} tokens: ours {ours_s:.1f}s "
+        f"(batch {args.e2e_batch}), HF {peer_s:.1f}s (batch {args.peer_batch})", flush=True)
+  return _common.Row.cost(f"{len(prompts)} student prompts x {new_tokens} tokens, end to end",
+                          "s", ours_s, peer_s)
 
 
 def _prefill_inputs(ids: np.ndarray) -> dict:

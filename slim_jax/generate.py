@@ -20,11 +20,13 @@ positions count real tokens only (`cumsum(mask) - 1`), so a padded row computes 
 would alone.
 
 Rows that share a leading run of tokens (a chat template's system prompt and instructions)
-prefill it once: its keys and values are computed for one row and copied to every row's
-cache slots 0..L-1 (L rounded down to the bucket series, at least MIN_SHARED_PREFIX), and
-each row's own tail follows, left-padded, from slot L. On a CPU the prefill runs a few rows
-at a time inside its program (slim_jax/row_chunks.py): 16 prompts of 512 tokens took 7.1 s
-instead of 10.1 s on 2 cores.
+prefill it once and hold it once: its keys and values are computed for one row and kept
+as a [1, K, L, H] prefix that every row's queries read (L rounded down to a multiple of
+PREFIX_STEP, at least MIN_SHARED_PREFIX); each row's cache holds only its own tail,
+left-padded, and what it generates. The student prompts of ml-100k (about 295 tokens, 160
+shared) then prefill 192 tokens a row instead of 256 and decode over 288 cache slots a row
+instead of 448. On a CPU the prefill runs a few rows at a time inside its program
+(slim_jax/row_chunks.py): 16 prompts of 512 tokens took 7.1 s instead of 10.1 s on 2 cores.
 
 Sampling parameters are per row (a server batches different requests): greedy where
 temperature is 0, else temperature, top-k and top-p, each row with its own seeded key
@@ -49,6 +51,7 @@ from slim_jax.models import llama
 
 DECODE_CHUNK = 8  # decode steps per jitted call: the streaming granularity
 MIN_SHARED_PREFIX = 64  # shorter common prefixes are prefilled per row (not worth a program)
+PREFIX_STEP = 16  # a shared prefix is rounded down to a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,24 +121,15 @@ def balanced_batch_size(n: int, max_batch_size: int) -> int:
   return -(-n // -(-n // max_batch_size))
 
 
-def bucket_floor(n: int, minimum: int = 16) -> int:
-  """Largest size <= n in the series of `bucket` (0 when n < minimum)."""
-  if n < minimum:
-    return 0
-  size = minimum
-  while bucket(size + 1, minimum) <= n:
-    size = bucket(size + 1, minimum)
-  return size
-
-
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-  """Tokens every prompt starts with, rounded down to the bucket series, leaving each
-  prompt at least one token of its own; 0 when under MIN_SHARED_PREFIX."""
+  """Tokens every prompt starts with, rounded down to a multiple of PREFIX_STEP (one
+  program per prefix length, few lengths), leaving each prompt at least one token of its
+  own; 0 when under MIN_SHARED_PREFIX."""
   first, shortest = prompts[0], min(len(p) for p in prompts)
   n = 0
   while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
     n += 1
-  n = bucket_floor(n)
+  n -= n % PREFIX_STEP
   return n if n >= MIN_SHARED_PREFIX else 0
 
 
@@ -188,38 +182,38 @@ def _next_tokens(eos_ids, pad_id, logits, state):
 def _prefill(model, eos_ids, pad_id, chunk_tokens, cache_len: int, variables, inputs):
   """Runs the prompts through the model and samples token 1.
 
-  inputs["ids"], ["mask"]: [B, P], left-padded; with inputs["prefix"] [1, L] (tokens every
-  row starts with, left out of ids), the prefix fills slots 0..L-1 once and is copied to
-  every row, and ids fill slots L..L+P-1.
+  inputs["ids"], ["mask"]: [B, P], left-padded, written to cache slots 0..P-1. With
+  inputs["prefix"] [1, L] (tokens every row starts with, left out of ids), the prefix's
+  keys and values are computed once into state["prefix"] [1, K, L, H], read by every row,
+  and the rows' positions count from L.
   """
   ids, mask = inputs["ids"], inputs["mask"]
   b, p = ids.shape
   dtype = jnp.dtype(model.config.dtype)
+  prefix = None
+  start = 0
   if "prefix" in inputs:
     start = inputs["prefix"].shape[1]
-    one = llama.init_cache(model.config, 1, cache_len, dtype)
-    _, one = model.apply(variables, inputs["prefix"],
-                         attention_mask=jnp.arange(cache_len)[None] < start,
-                         positions=jnp.arange(start)[None], cache=one, cache_index=0,
-                         last_only=True)
-    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), one)
-  else:
-    start = 0
-    cache = llama.init_cache(model.config, b, cache_len, dtype)
-  cache_mask = (jnp.zeros((b, cache_len), bool).at[:, :start].set(True)
-                .at[:, start:start + p].set(mask.astype(bool)))
+    _, prefix = model.apply(variables, inputs["prefix"],
+                            attention_mask=jnp.ones((1, start), bool),
+                            positions=jnp.arange(start)[None],
+                            cache=llama.init_cache(model.config, 1, start, dtype),
+                            cache_index=0, last_only=True)
+  cache = llama.init_cache(model.config, b, cache_len, dtype, llama.value_cache_dtype(dtype))
+  cache_mask = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
   positions = start + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
   def run(rows):
     return model.apply(variables, rows["ids"], attention_mask=rows["cache_mask"],
-                       positions=rows["positions"], cache=rows["cache"], cache_index=start,
-                       last_only=True)
+                       positions=rows["positions"], cache=rows["cache"], cache_index=0,
+                       last_only=True, prefix=prefix)
 
   # A few rows at a time on a CPU (slim_jax/row_chunks.py): rows attend only to themselves.
   per_chunk = row_chunks.chunk_rows(b, p, chunk_tokens)
   logits, cache = row_chunks.map_row_chunks(run, per_chunk, dict(
       ids=ids, cache_mask=cache_mask, positions=positions, cache=cache))
-  state = dict(cache=cache, cache_mask=cache_mask, index=jnp.asarray(start + p, jnp.int32),
+  state = dict({} if prefix is None else dict(prefix=prefix), cache=cache,
+               cache_mask=cache_mask, index=jnp.asarray(p, jnp.int32),
                position=(start + jnp.sum(mask, axis=-1)).astype(jnp.int32),
                generated=jnp.zeros((b,), jnp.int32), done=inputs["done"],
                keys=inputs["keys"], temperature=inputs["temperature"], top_k=inputs["top_k"],
@@ -238,7 +232,7 @@ def _decode(model, eos_ids, pad_id, steps: int, variables, state):
                                               (0, index))
     logits, cache = model.apply(variables, state["token"][:, None], attention_mask=cache_mask,
                                 positions=state["position"][:, None], cache=state["cache"],
-                                cache_index=index)
+                                cache_index=index, prefix=state.get("prefix"))
     state = dict(state, cache=cache, cache_mask=cache_mask, index=index + 1,
                  position=state["position"] + 1)
     state = _next_tokens(eos_ids, pad_id, logits[:, 0], state)
@@ -334,26 +328,31 @@ class Generator:
         raise ValueError(f"prompt {row} has {len(ids)} tokens and asks for "
                          f"{params.max_new_tokens} new ones, more than max_seq_len="
                          f"{self.max_seq_len}; shorten it or lower max_new_tokens")
-    out: list[Completion] = []
-    for start in range(0, len(prompts), self.max_batch_size):
-      end = start + self.max_batch_size
-      offset_callback = offset_stop = None
+    # Batches of similar lengths pad less; a row's tokens do not depend on its batch.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[Completion | None] = [None] * len(encoded)
+    for start in range(0, len(order), self.max_batch_size):
+      rows = order[start:start + self.max_batch_size]
+      row_callback = row_stop = None
       if callback is not None:
-        offset_callback = functools.partial(lambda s, row, text: callback(s + row, text), start)
+        row_callback = functools.partial(lambda r, row, text: callback(r[row], text), rows)
       if should_stop is not None:
-        offset_stop = functools.partial(lambda s, row: should_stop(s + row), start)
-      out.extend(self._generate_batch(encoded[start:end], sampling[start:end],
-                                      offset_callback, offset_stop))
+        row_stop = functools.partial(lambda r, row: should_stop(r[row]), rows)
+      completions = self._generate_batch([encoded[i] for i in rows],
+                                         [sampling[i] for i in rows], row_callback, row_stop)
+      for i, completion in zip(rows, completions):
+        out[i] = completion
     return out
 
   def buckets(self, rows: int, prompt_len: int, max_new_tokens: int,
               shared: int = 0) -> tuple[int, int, int]:
     """(batch, prompt length, cache length) the programs run at for such a batch; with a
-    shared prefix of `shared` tokens, the prompt length counts the rest of each prompt."""
-    p = bucket(prompt_len - shared)
+    shared prefix of `shared` tokens (held apart, once), the prompt and the cache count
+    the rest of each prompt."""
+    p = cache_bucket(prompt_len - shared)  # quarter steps above 64: 160, not 192, for 135
     decode_steps = -(-(max_new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK
     b = self.max_batch_size if self.pad_batches else batch_bucket(rows, self.max_batch_size)
-    return b, p, cache_bucket(shared + p + decode_steps)
+    return b, p, cache_bucket(p + decode_steps)
 
   def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
                       callback, should_stop=None) -> list[Completion]:
@@ -379,7 +378,7 @@ class Generator:
         max_new=fill(lambda s: s.max_new_tokens, 1, np.int32))
     if shared:
       inputs["prefix"] = np.asarray(encoded[0][:shared], np.int32)[None]
-    index = shared + p  # the cache slot the next decode step writes
+    index = p  # the cache slot the next decode step writes
     # Slots until the cache next grows; with `pad_batches` (fewest programs) never.
     size = cache_len if self.pad_batches else min(cache_len, cache_bucket(index + DECODE_CHUNK))
     state = self._prefill(size, self.variables, inputs)
@@ -427,9 +426,12 @@ class Generator:
            callback: Callable[[int, str], None] | None = None,
            should_stop: Callable[[int], bool] | None = None) -> list[Completion]:
     """Completions of chat conversations (the template's special tokens, no extra BOS)."""
-    prompts = [self.tokenizer(self.render_chat(m), add_special_tokens=False)["input_ids"]
-               for m in conversations]
+    prompts = [self.chat_ids(m) for m in conversations]
     return self.generate(prompts, sampling, callback, should_stop)
+
+  def chat_ids(self, messages: list[dict]) -> list[int]:
+    """A conversation's prompt tokens: the template's special tokens, no extra BOS."""
+    return self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"]
 
 
 def streamable_end(text: str, stop: Sequence[str]) -> int:

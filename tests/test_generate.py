@@ -64,6 +64,25 @@ def test_greedy_equals_full_recomputation_and_is_batch_invariant(tiny, generator
   assert alone[0].token_ids == outs[1].token_ids
 
 
+def test_prompts_batched_by_length_come_back_in_order(tiny):
+  """generate() batches prompts of similar length together; results, and should_stop's
+  row numbers, stay those of the caller's order."""
+  config, params = tiny
+  gen = generate.Generator(config, params, None, max_batch_size=2, max_seq_len=128)
+  prompts = [[5] * 9, [6, 7], [8] * 15, [9, 10, 11], [12] * 5]
+  asked = set()
+  stop_row = 2
+  outs = gen.generate(prompts, generate.SamplingParams(max_new_tokens=6),
+                      should_stop=lambda row: asked.add(row) or row == stop_row)
+  assert asked == set(range(len(prompts)))
+  for row, (prompt, out) in enumerate(zip(prompts, outs)):
+    assert out.prompt_tokens == len(prompt)
+    if row == stop_row:
+      assert out.finish_reason == "cancelled"
+    else:
+      assert out.token_ids == greedy_reference(config, params, prompt, 6)
+
+
 def test_prefill_a_few_rows_at_a_time_changes_nothing(tiny, generator):
   config, params = tiny
   chunked = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128,
@@ -139,7 +158,7 @@ def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(tiny):
   assert generate.shared_prefix_length([common, [1] + common[1:]]) == 0  # first token differs
   sampling = generate.SamplingParams(max_new_tokens=20)
   shared = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=128)
-  assert shared.buckets(3, 73, 20, 64) == (4, 16, 112)  # rows keep only their tails
+  assert shared.buckets(3, 73, 20, 64) == (4, 16, 48)  # rows hold only their tails
   outs = shared.generate(prompts, sampling)
   for prompt, out in zip(prompts, outs):
     assert out.token_ids == greedy_reference(config, params, prompt, 20, width=96)

@@ -22,7 +22,8 @@ transpose), with the `rope_scaling` of the LLaMA 2 and 3 families (none, linear,
   * KV cache: `apply(v, ids [B, T], attention_mask=[B, S], positions=[B, T], cache=...,
     cache_index=i)` writes the T new keys/values at cache slots i..i+T-1 and attends over
     the S slots that the mask allows and causality permits; returns (logits, new_cache).
-    `init_cache` builds the empty cache; slim_jax/generate.py drives it.
+    With `prefix=` (the cache of tokens every row starts with, held once) the rows' slots
+    follow those tokens. `init_cache` builds the empty cache; slim_jax/generate.py drives it.
 """
 
 from __future__ import annotations
@@ -236,11 +237,15 @@ class _Block(nn.Module):
 QUERY_CHUNK = 128  # query positions per block of full-sequence causal attention
 
 
-def _attend(q, key, value, allowed):
+def _attend(q, key, value, allowed, prefix=None):
   """softmax(q k^T / sqrt(H)) v over the allowed slots.
 
   q [B, K, G, T, H] (the G query heads of each kv head); key, value [B, K, S, H];
   allowed [B, T, S] bool -> [B, K, G, T, H].
+
+  prefix: (keys, values) [1, K, L, H] of tokens every row starts with, visible to every
+  query and held once, not per row: the rows' slots follow them. Their scores are one
+  [B*G*T, H] x [H, L] product per kv head, joined to the rows' scores before the softmax.
 
   Head n uses kv head n // G (G = N/K), as repeat_kv does. The G query heads of a kv head
   and the T positions form one [G*T, H] matrix per (row, kv head); the products are
@@ -250,7 +255,8 @@ def _attend(q, key, value, allowed):
   42 -> 30 ms, one row about the same). The probabilities times the values stay a
   dot_general (as a sum it was slower). In prefill, operand order matters: with one row
   the cache first ([S, H] x [H, G*T], S rows to split over threads), else queries first.
-  Products take 16-bit operands with float32 accumulation (layers.matmul's rule).
+  Products take 16-bit operands with float32 accumulation (layers.matmul's rule), except
+  a CPU decode step's values, held in float32 (value_cache_dtype).
   """
   b, k, g, t, h = q.shape
   q = q.reshape(b, k, g * t, h)
@@ -266,18 +272,48 @@ def _attend(q, key, value, allowed):
                                  preferred_element_type=jnp.float32)
   scores = scores.reshape(b, k, g, t, -1) / np.sqrt(h)  # [B, K, G, T, S]
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, k, g * t, -1)
-  out = jax.lax.dot_general(probs, value, (((3,), (2,)), batch_bk),
-                            preferred_element_type=jnp.float32).astype(q.dtype)
-  return out.reshape(b, k, g, t, h)
+  if prefix is not None:
+    prefix_k, prefix_v = (x[0].astype(q.dtype) for x in prefix)  # [K, L, H]
+    length = prefix_k.shape[1]
+    q_by_head = q.transpose(1, 0, 2, 3).reshape(k, b * g * t, h)  # [K, B*G*T, H]
+    prefix_scores = jax.lax.dot_general(q_by_head, prefix_k, (((2,), (2,)), ((0,), (0,))),
+                                        preferred_element_type=jnp.float32)  # [K, BGT, L]
+    prefix_scores = prefix_scores.reshape(k, b, g, t, length).transpose(1, 0, 2, 3, 4)
+    scores = jnp.concatenate([prefix_scores / np.sqrt(h), scores], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, (L +) S]
+  out = 0.0
+  if prefix is not None:
+    prefix_probs = probs[..., :length].astype(q.dtype).transpose(1, 0, 2, 3, 4)
+    prefix_out = jax.lax.dot_general(prefix_probs.reshape(k, b * g * t, length), prefix_v,
+                                     (((2,), (1,)), ((0,), (0,))),
+                                     preferred_element_type=jnp.float32)  # [K, BGT, H]
+    out = prefix_out.reshape(k, b, g * t, h).transpose(1, 0, 2, 3)
+    probs = probs[..., length:]
+  probs = probs.astype(value.dtype).reshape(b, k, g * t, -1)
+  out = out + jax.lax.dot_general(probs, value, (((3,), (2,)), batch_bk),
+                                  preferred_element_type=jnp.float32)  # [B, K, G*T, H]
+  return out.astype(q.dtype).reshape(b, k, g, t, h)
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, start) -> jax.Array:
+  """`cache` [B, K, S, H] with `new` [B, K, T, H] written at `start`. A 16-bit float cache
+  is written as its bits (uint16): XLA:CPU otherwise widens a bfloat16 update to float32,
+  converting the whole cache there and back in every layer of every decode step (at 64
+  rows and 288 slots, about 0.8 GB of traffic a step), where the bits update in place."""
+  if jnp.dtype(cache.dtype).itemsize != 2:
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
+  written = jax.lax.dynamic_update_slice(bits(cache), bits(new.astype(cache.dtype)), start)
+  return jax.lax.bitcast_convert_type(written, cache.dtype)
 
 
 class Attention(_Block):
   """Grouped-query attention with RoPE and an optional KV cache."""
 
   @nn.compact
-  def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None):
-    """x [B, T, D]; allowed [B, T, S] bool; cache (k, v) [B, K, S, H] or None."""
+  def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None):
+    """x [B, T, D]; allowed [B, T, S] bool; cache (k, v) [B, K, S, H] or None; prefix
+    (k, v) [1, K, L, H] shared by every row, or None (see _attend)."""
     cfg = self.config
     b, t, _ = x.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -293,13 +329,13 @@ class Attention(_Block):
     if cache is not None:
       cache_k, cache_v = cache
       start = (0, 0, cache_index, 0)
-      key = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), start)
-      value = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), start)
+      key, value = _write_cache(cache_k, key, start), _write_cache(cache_v, value, start)
       new_cache = (key, value)  # [B, K, S, H]
     g = n // k
     q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     key = key.astype(q.dtype)
-    value = value.astype(q.dtype)
+    if t > 1:  # a product with many query rows runs in q's dtype; one row reads the cache
+      value = value.astype(q.dtype)
     if cache is None and t > QUERY_CHUNK:
       # Training and scoring: causal attention in query chunks, each against the keys up to
       # its last position only, so the masked upper triangle is mostly never computed (at
@@ -311,7 +347,7 @@ class Attention(_Block):
                             allowed[:, lo:hi, :hi]))
       out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
     else:
-      out = _attend(q, key, value, allowed)
+      out = _attend(q, key, value, allowed, prefix)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
     return self.dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out), new_cache
 
@@ -329,14 +365,14 @@ class Mlp(_Block):
 class DecoderLayer(_Block):
 
   @nn.compact
-  def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None):
     cfg = self.config
     kw = dict(config=cfg, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
               deterministic=self.deterministic)
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype),  # noqa: E731
                                 jnp.dtype(cfg.param_dtype), name=name)
     attn, new_cache = Attention(**kw, name="self_attn")(norm("input_layernorm")(x), cos, sin,
-                                                        allowed, cache, cache_index)
+                                                        allowed, cache, cache_index, prefix)
     x = x + attn
     x = x + Mlp(**kw, name="mlp")(norm("post_attention_layernorm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -353,13 +389,16 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
                cache: Cache | None = None, cache_index=None, last_only: bool = False,
-               return_hidden: bool = False):
+               return_hidden: bool = False, prefix: Cache | None = None):
     """Logits [B, T, V] float32 (or [B, 1, V] with last_only); with a cache, also the new one.
     With return_hidden (no cache): the final normed hidden states [B, T, D] instead of
     logits, for a loss that applies the output head itself (slim_jax/train/token_loss.py).
 
     input_ids [B, T]; attention_mask [B, T] (no cache) or [B, S] over cache slots (cache);
     positions [B, T] (required with a cache); cache_index: first cache slot to write.
+    prefix (with a cache): per layer (k, v) [1, K, L, H] of L tokens that precede every
+    row, held once (a cache this model filled for one row of those tokens); the rows'
+    positions count from L.
     """
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -387,13 +426,15 @@ class Llama(nn.Module):
                      name="embed_tokens")
     x = embed(input_ids)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if prefix is not None and cache is None:
+      raise ValueError("prefix is for decoding with a KV cache")
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     new_cache = []
     for i in range(cfg.num_hidden_layers):
       layer = layer_cls(cfg, self.lora_scale, self.lora_dropout, deterministic,
                         name=f"layers_{i}")
       x, layer_cache = layer(x, cos, sin, allowed, None if cache is None else cache[i],
-                             cache_index)
+                             cache_index, None if prefix is None else prefix[i])
       new_cache.append(layer_cache)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
     if return_hidden:
@@ -414,11 +455,21 @@ class Llama(nn.Module):
     return logits, tuple(new_cache)
 
 
-def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:
-  """An empty KV cache: per layer (k, v) zeros [B, K, S, H]."""
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32,
+               value_dtype=None) -> Cache:
+  """An empty KV cache: per layer (k, v) zeros [B, K, S, H]; values in `value_dtype`
+  (default `dtype`; see `value_cache_dtype`)."""
   shape = (batch, config.num_key_value_heads, length, config.head_dim)
-  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, value_dtype or dtype))
                for _ in range(config.num_hidden_layers))
+
+
+def value_cache_dtype(dtype) -> jnp.dtype:
+  """The value cache's dtype for decoding in `dtype`: float32 on a CPU. XLA:CPU widens
+  the one-token probabilities x bfloat16 values product to float32, converting each
+  layer's whole value cache in every decode step; a float32 cache is read as it is
+  (SmolLM2, 64 rows, 448 slots: 164 -> 154 ms a step). Elsewhere `dtype`."""
+  return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else dtype)
 
 
 def param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -105,6 +105,8 @@ def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None 
       pad_batches=True)
   sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature)
+  # Batches of prompts of similar length: a batch is padded to its longest prompt.
+  jobs.sort(key=lambda job: len(generator.chat_ids(job[3])))
   start = time.perf_counter()
   sinks = {kind: rationales.Appender(layout.rationale_file(prompts.source_name("student", kind)))
            for kind in config.kinds}

@@ -44,18 +44,21 @@ KINDS = ("eval", "train")
 DEFAULT_SYSTEM = ("You are an expert recommender system. You reason step by step about a "
                   "user's history and answer concisely.")
 
+# The instructions come before the history, so every user's prompt starts with the same
+# tokens: the generator computes and holds those once (slim_jax/generate.py), which more
+# than halves the per-user prefill of the 5-item prompts (about 290 tokens, 200 shared).
 DEFAULT_USER_TEMPLATE = """\
-Here are the {num_items} items a user interacted with (bought, rated or watched), in time \
-order, oldest first, one item per line.
-
-{history}
-
-Think step by step and answer in three steps:
+Think step by step about the user's history below and answer in three steps:
 Step 1: Summarize the user's preferences from this history.
 Step 2: Based on these preferences, recommend brands and categories the user may like.
 Step 3: Based on the recommended brands and categories, recommend items the user may \
 interact with next.
-Start each step on a new line with "Step 1:", "Step 2:" and "Step 3:"."""
+Start each step on a new line with "Step 1:", "Step 2:" and "Step 3:".
+
+The user's history: the {num_items} items they interacted with (bought, rated or \
+watched), in time order, oldest first, one item per line.
+
+{history}"""
 
 ALLOWED_FIELDS = ("history", "num_items")
 SYSTEM_SEPARATOR = "---"

@@ -137,6 +137,48 @@ def test_kv_cache_decoding_equals_full_recomputation():
   np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, p - 1], atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_a_prefix_held_once_equals_the_prefix_in_every_rows_cache(kv_heads):
+  """Rows that share L leading tokens: their keys and values held once ([1, K, L, H]) and
+  read by every row give the logits of the whole sequences, in prefill and decode."""
+  config = llama.LlamaConfig.tiny(vocab_size=61, num_key_value_heads=kv_heads)
+  model = llama.Llama(config)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  rng = np.random.default_rng(2)
+  length, steps = 6, 3
+  prefix_ids = rng.integers(0, 61, (1, length)).astype(np.int32)
+  tails, tail_mask = left_padded_batch(vocab=61, lengths=(5, 2, 4))
+  b, p = tails.shape
+  new = rng.integers(0, 61, (b, steps)).astype(np.int32)
+  # Reference: each row's prefix + tail + new tokens, left-padded as one sequence.
+  width = length + p + steps
+  full_ids, full_mask = np.zeros((b, width), np.int32), np.zeros((b, width), np.int32)
+  for row in range(b):
+    seq = [*prefix_ids[0], *tails[row][tail_mask[row] == 1], *new[row]]
+    full_ids[row, width - len(seq):], full_mask[row, width - len(seq):] = seq, 1
+  full = np.asarray(model.apply({"params": params}, full_ids, attention_mask=full_mask))
+  _, prefix = model.apply({"params": params}, prefix_ids, attention_mask=np.ones((1, length)),
+                          positions=np.arange(length)[None],
+                          cache=llama.init_cache(config, 1, length), cache_index=0)
+  s = p + steps
+  cache_mask = np.zeros((b, s), bool)
+  cache_mask[:, :p] = tail_mask
+  positions = length + np.maximum(np.cumsum(tail_mask, -1) - 1, 0)
+  logits, cache = model.apply({"params": params}, tails, attention_mask=cache_mask,
+                              positions=positions, cache=llama.init_cache(config, b, s),
+                              cache_index=0, last_only=True, prefix=prefix)
+  got = [np.asarray(logits)[:, 0]]
+  next_pos = length + tail_mask.sum(-1)
+  for step in range(steps - 1):
+    cache_mask[:, p + step] = True
+    logits, cache = model.apply({"params": params}, new[:, step:step + 1],
+                                attention_mask=cache_mask, positions=next_pos[:, None] + step,
+                                cache=cache, cache_index=p + step, prefix=prefix)
+    got.append(np.asarray(logits)[:, 0])
+  want = full[:, -steps - 1:-1]  # predictions after the last tail token and each new one
+  np.testing.assert_allclose(np.stack(got, axis=1), want, atol=1e-5)
+
+
 def test_parameter_tree_names_shapes_and_axes():
   config = llama.LlamaConfig.tiny(num_hidden_layers=3)
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
