@@ -107,8 +107,10 @@ def main(argv=None) -> None:
   gen = generate.Generator(config, params, tokenizer, max_batch_size=max(batches),
                            max_seq_len=prompt_len + new_tokens, dtype=getattr(jnp, args.dtype))
   folder, name = os.path.split(gguf_path())
+  # Loaded in float32, then cast: asked for bfloat16, transformers keeps the GGUF's
+  # weights as they are packed, and its numbers would not be the bf16 model's.
   hf = transformers.LlamaForCausalLM.from_pretrained(
-      folder, gguf_file=name, dtype=getattr(torch, args.dtype)).eval()
+      folder, gguf_file=name, dtype=torch.float32).to(getattr(torch, args.dtype)).eval()
   sampling = generate.SamplingParams(max_new_tokens=new_tokens)
   rng = np.random.default_rng(0)
 
