@@ -15,10 +15,10 @@ not counted.
 
 The end-to-end row writes the student rationales of the pipeline's generate stage: the
 first `--e2e_prompts` MovieLens-100k users' evaluation prompts (5-item histories, the
-default template, about 295 tokens), `--e2e_tokens` new tokens each, start to finish,
-compiling included. Ours runs them as the stage does (Generator.chat, batches of
-`--e2e_batch` sorted by length, a shared prefix held once); Hugging Face runs them in
-batches of `--peer_batch`, left-padded, in the same order. One run each.
+default template, about 295 tokens), 96 new tokens each (12 with --quick), start to
+finish, compiling included. Ours runs them as the stage does (balanced batches of at most
+`--e2e_batch` rows, sorted by length, a shared prefix held once); Hugging Face runs them
+in batches of `--peer_batch`, left-padded, sorted the same way. One run each.
 
   .venv/bin/python benchmarks/llama.py [--quick] [--dtype bfloat16] [--batches 1,64]
       [--e2e_prompts 943] [--out results.json]
@@ -88,7 +88,8 @@ def main(argv=None) -> None:
                         help="comma-separated batch sizes (default: see the module doc)")
     parser.add_argument("--e2e_prompts", type=int, default=None,
                         help="student prompts in the end-to-end row (0: skip it)")
-    parser.add_argument("--e2e_batch", type=int, default=128)
+    parser.add_argument("--e2e_batch", type=int, default=256,
+                        help="most rows a batch in the end-to-end row (the preset's)")
     parser.add_argument("--peer_batch", type=int, default=32)
 
   args = _common.parse_args(__doc__.split("\n\n")[0], argv, add_arguments)
@@ -194,7 +195,10 @@ def end_to_end_row(config, params, tokenizer, hf, n: int, new_tokens: int, args)
   """Seconds for both sides to write `new_tokens` for each of n student prompts."""
   import torch  # pylint: disable=import-outside-toplevel
   conversations = student_conversations(n)
-  gen = generate.Generator(config, params, tokenizer, max_batch_size=args.e2e_batch,
+  # As the generate stage builds its generator: balanced batches, one batch shape.
+  gen = generate.Generator(config, params, tokenizer,
+                           max_batch_size=generate.balanced_batch_size(len(conversations),
+                                                                       args.e2e_batch),
                            max_seq_len=1024, dtype=getattr(jnp, args.dtype), pad_batches=True)
   prompts = [gen.chat_ids(m) for m in conversations]
   sampling = generate.SamplingParams(max_new_tokens=new_tokens)
@@ -216,7 +220,7 @@ def end_to_end_row(config, params, tokenizer, hf, n: int, new_tokens: int, args)
 
   ours_s, peer_s = _common.timed(ours), _common.timed(peer)
   print(f"end to end: {len(prompts)} prompts x {new_tokens} tokens: ours {ours_s:.1f}s "
-        f"(batch {args.e2e_batch}), HF {peer_s:.1f}s (batch {args.peer_batch})", flush=True)
+        f"(batch {gen.max_batch_size}), HF {peer_s:.1f}s (batch {args.peer_batch})", flush=True)
   return _common.Row.cost(f"{len(prompts)} student prompts x {new_tokens} tokens, end to end",
                           "s", ours_s, peer_s)
 

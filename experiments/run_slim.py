@@ -47,7 +47,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from slim_jax import config_flags, precision  # noqa: E402
 from slim_jax.pipeline.layout import RunLayout  # noqa: E402
-from slim_jax.pipeline.presets import PRESETS, STUDENT_BATCH, TEACHER_BATCH  # noqa: E402
+from slim_jax.pipeline.presets import PRESETS, TEACHER_BATCH  # noqa: E402
 from slim_jax.recommenders import slim  # noqa: E402
 from slim_jax.teacher import client as teacher_client  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
@@ -337,7 +337,7 @@ def main(argv):
   def generate_stage(fingerprint):
     stages.generate(layout, stages.GenerateConfig(
         student=student, adapter=adapter, max_new_tokens=preset.student_tokens,
-        max_history=preset.max_history, batch_size=STUDENT_BATCH, holdout=preset.holdout,
+        max_history=preset.max_history, batch_size=preset.student_batch, holdout=preset.holdout,
         dtype=dtype), fingerprint)
 
   def encode_stage(fingerprint):

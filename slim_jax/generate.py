@@ -2,11 +2,11 @@
 jitted prefill and a jitted chunk of decode steps driven from Python.
 
 Shapes are bucketed so few programs compile: the batch is padded to a power of two (up to
-`max_batch_size`), the prompt length to the next size of the series 16, 24, 32, 48, 64,
-96, ... (powers of two and 1.5 times them), the KV cache to a `cache_bucket` (the same up
-to 64, then quarter steps between powers of two: ..., 512, 640, 768, 896, 1024, 1280, ...).
-One prefill program per (batch, prompt, cache) bucket and one decode program per (batch,
-cache) bucket; decoding never recompiles per step.
+`max_batch_size`), the prompt length and the KV cache to a `cache_bucket` (16, 24, 32, 48,
+64, then quarter steps between powers of two: 80, 96, 112, 128, 160, ..., 512, 640, 768,
+896, 1024, 1280, ...). One prefill program per (batch, prompt, cache, shared prefix)
+bucket and one decode program per (batch, cache, shared prefix) bucket; decoding never
+recompiles per step.
 
 Every decode step reads all of its cache slots (SmolLM2, 16 rows on 2 cores: about 60 ms
 a step at 512 slots, 74 ms at 1024), so the cache starts at the bucket of prompt + one
@@ -23,9 +23,9 @@ Rows that share a leading run of tokens (a chat template's system prompt and ins
 prefill it once and hold it once: its keys and values are computed for one row and kept
 as a [1, K, L, H] prefix that every row's queries read (L rounded down to a multiple of
 PREFIX_STEP, at least MIN_SHARED_PREFIX); each row's cache holds only its own tail,
-left-padded, and what it generates. The student prompts of ml-100k (about 295 tokens, 160
-shared) then prefill 192 tokens a row instead of 256 and decode over 288 cache slots a row
-instead of 448. On a CPU the prefill runs a few rows at a time inside its program
+left-padded, and what it generates: for the ml-100k student prompts (about 287 tokens, 64
+shared) a 96-token answer decodes over 320 cache slots a row instead of 448. A batch of
+one row shares nothing (it would only add a program per prompt length). On a CPU the prefill runs a few rows at a time inside its program
 (slim_jax/row_chunks.py): 16 prompts of 512 tokens took 7.1 s instead of 10.1 s on 2 cores.
 
 Sampling parameters are per row (a server batches different requests): greedy where
@@ -328,7 +328,8 @@ class Generator:
         raise ValueError(f"prompt {row} has {len(ids)} tokens and asks for "
                          f"{params.max_new_tokens} new ones, more than max_seq_len="
                          f"{self.max_seq_len}; shorten it or lower max_new_tokens")
-    # Batches of similar lengths pad less; a row's tokens do not depend on its batch.
+    # Batches of similar lengths pad less. A row's tokens do not depend on its batch, up to
+    # rounding: in bf16 the batch's padding and shared prefix can round differently.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[Completion | None] = [None] * len(encoded)
     for start in range(0, len(order), self.max_batch_size):
@@ -349,7 +350,7 @@ class Generator:
     """(batch, prompt length, cache length) the programs run at for such a batch; with a
     shared prefix of `shared` tokens (held apart, once), the prompt and the cache count
     the rest of each prompt."""
-    p = cache_bucket(prompt_len - shared)  # quarter steps above 64: 160, not 192, for 135
+    p = cache_bucket(prompt_len - shared)  # quarter steps above 64: 224, not 256, for 223
     decode_steps = -(-(max_new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK
     b = self.max_batch_size if self.pad_batches else batch_bucket(rows, self.max_batch_size)
     return b, p, cache_bucket(p + decode_steps)
@@ -357,7 +358,7 @@ class Generator:
   def _generate_batch(self, encoded: list[list[int]], sampling: list[SamplingParams],
                       callback, should_stop=None) -> list[Completion]:
     n = len(encoded)
-    shared = shared_prefix_length(encoded) if self.share_prefix else 0
+    shared = shared_prefix_length(encoded) if self.share_prefix and n > 1 else 0
     b, p, cache_len = self.buckets(n, max(len(ids) for ids in encoded),
                                    max(s.max_new_tokens for s in sampling), shared)
     ids = np.full((b, p), self.pad_id, np.int32)

@@ -152,8 +152,10 @@ def test_padded_batches_keep_one_cache_size(tiny, monkeypatch):
 def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(tiny):
   config, params = tiny
   common = [int(x) for x in np.random.default_rng(0).integers(3, 97, 70)]
-  prompts = [common + [5, 6, 7], common + [8], common[:66]]  # shared: 66 -> bucket 64
+  prompts = [common + [5, 6, 7], common + [8], common[:66]]  # shared: 65 -> 64 (16s)
   assert generate.shared_prefix_length(prompts) == 64
+  assert generate.shared_prefix_length([common + [1], common + [2]]) == 64  # 70 -> 64
+  assert generate.shared_prefix_length([common * 2 + [1], common * 2 + [2]]) == 128  # 140
   assert generate.shared_prefix_length([common[:40], common[:40]]) == 0  # too short to share
   assert generate.shared_prefix_length([common, [1] + common[1:]]) == 0  # first token differs
   sampling = generate.SamplingParams(max_new_tokens=20)
@@ -307,6 +309,40 @@ def test_chat_renders_the_template_and_streams_the_final_text(chat_generator):
                                           clean_up_tokenization_spaces=False)
     prompt = g.tokenizer(g.render_chat(MESSAGES[row]), add_special_tokens=False)["input_ids"]
     assert out.prompt_tokens == len(prompt)
+
+
+def test_streams_reach_the_callers_rows_when_batches_are_sorted_by_length(chat_generator):
+  """Conversations of different lengths over several batches: generate() runs them sorted
+  by length, and each streamed text still reaches the caller's row number."""
+  g = chat_generator
+  conversations = [MESSAGES[0], MESSAGES[1], [{"role": "user", "content": "A " * 40}],
+                   [{"role": "user", "content": "Why?"}], MESSAGES[0]]
+  lengths = [len(g.chat_ids(m)) for m in conversations]
+  assert sorted(lengths) != lengths  # the batches are not in the caller's order
+  streamed = collections.defaultdict(str)
+  sampling = generate.SamplingParams(max_new_tokens=10)
+  outs = g.chat(conversations, sampling,
+                callback=lambda row, text: streamed.__setitem__(row, streamed[row] + text))
+  for row, out in enumerate(outs):
+    assert out.prompt_tokens == lengths[row] and streamed[row] == out.text
+    alone = g.chat([conversations[row]], sampling)[0]
+    assert alone.token_ids == out.token_ids
+  assert sum(len(text) for text in streamed.values()) > 0
+
+
+def test_one_row_shares_no_prefix(tiny, monkeypatch):
+  """A lone prompt is not split into a shared prefix (that would compile a program per
+  prompt length for nothing)."""
+  config, params = tiny
+  gen = generate.Generator(config, params, None, max_batch_size=4, max_seq_len=256)
+  seen = []
+  prefill = generate._prefill
+  monkeypatch.setattr(gen, "_prefill", lambda size, v, inputs: seen.append(
+      "prefix" in inputs) or prefill(gen.model, gen.eos_ids, gen.pad_id, 1024, size, v, inputs))
+  gen.generate([list(range(3, 90))], generate.SamplingParams(max_new_tokens=2))
+  gen.generate([list(range(3, 90)), list(range(3, 90)) + [5]],
+               generate.SamplingParams(max_new_tokens=2))
+  assert seen == [False, True]
 
 
 def test_stop_strings_cut_the_text_and_the_stream(chat_generator):

@@ -273,6 +273,8 @@ def _attend(q, key, value, allowed, prefix=None):
   scores = scores.reshape(b, k, g, t, -1) / np.sqrt(h)  # [B, K, G, T, S]
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
   if prefix is not None:
+    # The prefix's products are real matmuls ([B*G*T, L] rows), fast in q's dtype; only the
+    # one-row product with a row's own values is widened by XLA:CPU (value_cache_dtype).
     prefix_k, prefix_v = (x[0].astype(q.dtype) for x in prefix)  # [K, L, H]
     length = prefix_k.shape[1]
     q_by_head = q.transpose(1, 0, 2, 3).reshape(k, b * g * t, h)  # [K, B*G*T, H]
@@ -400,6 +402,8 @@ class Llama(nn.Module):
     row, held once (a cache this model filled for one row of those tokens); the rows'
     positions count from L.
     """
+    if prefix is not None and cache is None:
+      raise ValueError("prefix is for decoding with a KV cache")
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, t = input_ids.shape
@@ -426,8 +430,6 @@ class Llama(nn.Module):
                      name="embed_tokens")
     x = embed(input_ids)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    if prefix is not None and cache is None:
-      raise ValueError("prefix is for decoding with a KV cache")
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     new_cache = []
     for i in range(cfg.num_hidden_layers):

@@ -37,6 +37,11 @@ class Preset:
   # Distill on rationales the teacher's token limit cut (finish_reason 'length'). The
   # small presets' 24-64-token rationales are all cut; dropping them leaves nothing.
   keep_cut_rationales: bool = False
+  # Most student prompts per generation batch. On 2 CPU cores a bf16 decode step's products
+  # reach about 200 GFLOP/s from 128 rows, 80 at 64; 943 ml-100k evaluation rationales of
+  # 96 tokens (compiling included) took 360 s at 128 rows a batch, 337 s at 256
+  # (2026-12-04, docs/results/llama.md). The KV cache grows with rows x (prompt + answer).
+  student_batch: int = 256
 
 
 ALL_VARIANTS = tuple(slim.VARIANTS)  # report order: backbone, backbone+, slim-, slim, ...
@@ -96,15 +101,12 @@ PRESETS = {
         distill_steps=0, distill_max_length=1024, student_tokens=512,
         backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
         epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,
+        student_batch=32,  # 50-item prompts and 512-token answers: a larger KV cache a row
         expected={"prepare": 10, "teacher": 20000, "distill": 5000, "generate": 20000,
                   "encode": 300, "recommend": 20000, "report": 10}),
 }
 
 
-# Rows per generation batch. The teacher server batches the client's concurrent requests:
-# 16 keeps 64 teacher users at 4 full batches. The student stage sorts its prompts by length
-# and runs balanced batches: on 2 CPU cores a bf16 decode step's products reach about 200
-# GFLOP/s at 128 rows or more, 80 at 64. 943 ml-100k evaluation rationales of 96 tokens
-# (compiling included): 360 s at 128 rows a batch, 337 s at 256 (2026-12-04).
+# Rows per teacher batch: the teacher server batches the client's concurrent requests; 16
+# keeps 64 teacher users at 4 full batches.
 TEACHER_BATCH = 16
-STUDENT_BATCH = 256

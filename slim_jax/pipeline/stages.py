@@ -106,15 +106,15 @@ def generate(layout: RunLayout, config: GenerateConfig, fingerprint: str | None 
   sampling = SamplingParams(max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature)
   # Batches of prompts of similar length: a batch is padded to its longest prompt.
-  jobs.sort(key=lambda job: len(generator.chat_ids(job[3])))
+  jobs = sorted(((generator.chat_ids(job[3]), job) for job in jobs), key=lambda x: len(x[0]))
   start = time.perf_counter()
   sinks = {kind: rationales.Appender(layout.rationale_file(prompts.source_name("student", kind)))
            for kind in config.kinds}
   try:
     for i in range(0, len(jobs), batch_size):
       batch = jobs[i:i + batch_size]
-      completions = generator.chat([m for _, _, _, m in batch], sampling)
-      for (kind, u, cut, m), c in zip(batch, completions):
+      completions = generator.generate([ids for ids, _ in batch], sampling)
+      for (_, (kind, u, cut, m)), c in zip(batch, completions):
         sinks[kind].append({**rationales.make_record(
             user_id=u, messages=m, response=c.text,
             model=name + ("+lora" if config.adapter else ""),

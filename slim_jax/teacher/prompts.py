@@ -44,21 +44,23 @@ KINDS = ("eval", "train")
 DEFAULT_SYSTEM = ("You are an expert recommender system. You reason step by step about a "
                   "user's history and answer concisely.")
 
-# The instructions come before the history, so every user's prompt starts with the same
-# tokens: the generator computes and holds those once (slim_jax/generate.py), which more
-# than halves the per-user prefill of the 5-item prompts (about 290 tokens, 200 shared).
+# The history comes before the instructions. Instructions first would let the generator
+# share 160 of about 295 tokens of every prompt instead of 64 (slim_jax/generate.py), but
+# SmolLM2-135M then echoes the instructions: on 32 ml-100k users, 8 of its 64-token answers
+# named a history title against 24 with this order, and the distilled student's answers
+# became nearly the same for every user (docs/results/llama.md).
 DEFAULT_USER_TEMPLATE = """\
-Think step by step about the user's history below and answer in three steps:
+Here are the {num_items} items a user interacted with (bought, rated or watched), in time \
+order, oldest first, one item per line.
+
+{history}
+
+Think step by step and answer in three steps:
 Step 1: Summarize the user's preferences from this history.
 Step 2: Based on these preferences, recommend brands and categories the user may like.
 Step 3: Based on the recommended brands and categories, recommend items the user may \
 interact with next.
-Start each step on a new line with "Step 1:", "Step 2:" and "Step 3:".
-
-The user's history: the {num_items} items they interacted with (bought, rated or \
-watched), in time order, oldest first, one item per line.
-
-{history}"""
+Start each step on a new line with "Step 1:", "Step 2:" and "Step 3:"."""
 
 ALLOWED_FIELDS = ("history", "num_items")
 SYSTEM_SEPARATOR = "---"

@@ -179,6 +179,23 @@ def test_a_prefix_held_once_equals_the_prefix_in_every_rows_cache(kv_heads):
   np.testing.assert_allclose(np.stack(got, axis=1), want, atol=1e-5)
 
 
+def test_a_bfloat16_cache_is_written_as_bits_to_the_same_values():
+  cache = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8, 4)), jnp.bfloat16)
+  new = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 2, 4)), jnp.float32)
+  got = llama._write_cache(cache, new, (0, 0, 5, 0))
+  want = jax.lax.dynamic_update_slice(cache, new.astype(jnp.bfloat16), (0, 0, 5, 0))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_the_value_cache_is_float32_on_a_cpu():
+  cache = llama.init_cache(llama.LlamaConfig.tiny(), 2, 8, jnp.bfloat16,
+                           llama.value_cache_dtype(jnp.bfloat16))
+  assert cache[0][0].dtype == jnp.bfloat16
+  assert cache[0][1].dtype == (jnp.float32 if jax.default_backend() == "cpu"
+                               else jnp.bfloat16)
+
+
 def test_parameter_tree_names_shapes_and_axes():
   config = llama.LlamaConfig.tiny(num_hidden_layers=3)
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
