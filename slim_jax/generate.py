@@ -25,8 +25,9 @@ as a [1, K, L, H] prefix that every row's queries read (L rounded down to a mult
 PREFIX_STEP, at least MIN_SHARED_PREFIX); each row's cache holds only its own tail,
 left-padded, and what it generates: for the ml-100k student prompts (about 287 tokens, 64
 shared) a 96-token answer decodes over 320 cache slots a row instead of 448. A batch of
-one row shares nothing (it would only add a program per prompt length). On a CPU the prefill runs a few rows at a time inside its program
-(slim_jax/row_chunks.py): 16 prompts of 512 tokens took 7.1 s instead of 10.1 s on 2 cores.
+one row shares nothing (it would only add a program per prompt length). On a CPU the
+prefill runs a few rows at a time inside its program (slim_jax/row_chunks.py): 16 prompts
+of 512 tokens took 7.1 s instead of 10.1 s on 2 cores.
 
 Sampling parameters are per row (a server batches different requests): greedy where
 temperature is 0, else temperature, top-k and top-p, each row with its own seeded key
