@@ -53,8 +53,10 @@ from slim_jax.teacher import client as teacher_client  # noqa: E402
 from slim_jax.teacher import prompts  # noqa: E402
 from slim_jax.train import grid  # noqa: E402
 
+STAGE_NAMES = ("prepare", "teacher", "distill", "generate", "encode", "recommend", "report")
+
 flags.DEFINE_string("workdir", None, "Run folder for every stage.")
-flags.DEFINE_enum("preset", "default", ["smoke", "default", "full"], "Budget preset.")
+flags.DEFINE_enum("preset", "default", list(PRESETS), "Budget preset.")
 flags.DEFINE_string("dataset", None, "ml-100k, amazon or synthetic (default: the preset's).")
 flags.DEFINE_string("data_dir", None, "Raw data folder (Amazon files, or ml-100k files).")
 flags.DEFINE_list("backbones", None, "Backbones: gru4rec,sasrec,srgnn (default: the preset's).")
@@ -102,6 +104,8 @@ flags.DEFINE_integer("cold_max_count", config_flags.field_default(grid.GridSpec,
 CONFIG_FIELDS = ("head_share", "cold_max_count")
 flags.DEFINE_list("force", [], "Stages to recompute from scratch, with every stage downstream "
                   "of them (prepare, teacher, distill, generate, encode, recommend, report).")
+flags.DEFINE_enum("stop_after", None, list(STAGE_NAMES), "Run the stages up to this one and "
+                  "stop (e.g. encode: the LLM stages now, the recommenders later).")
 FLAGS = flags.FLAGS
 
 
@@ -113,8 +117,6 @@ def stage_env(workdir: str) -> dict:
   env.setdefault("JAX_COMPILATION_CACHE_DIR", RunLayout(workdir).xla_cache)
   return env
 
-
-STAGE_NAMES = ("prepare", "teacher", "distill", "generate", "encode", "recommend", "report")
 
 
 def raw_inputs(dataset: str, data_dir: str | None, source_dir: str | None) -> list[str]:
@@ -349,7 +351,10 @@ def main(argv):
   report_dir = layout.report
 
   def recommend_stage(fingerprint):
-    grid.train_grid(w, spec, log=lambda m: print(m, flush=True), fingerprint=fingerprint)
+    del fingerprint  # each seed records the grid's own (grid.default_fingerprint), which
+    # leaves out the cells and seeds asked for: pieces of one grid keep each other's seeds
+    grid.train_grid(w, spec, log=lambda m: print(m, flush=True),
+                    retrain="recommend" in pipeline.downstream(plan, force))
 
   def report_stage(fingerprint):
     del fingerprint
@@ -391,7 +396,8 @@ def main(argv):
         {"encoder": FLAGS.encoder},
         work=[layout.embeddings_manifest, layout.vectors("items"), layout.vectors("student")]),
       P("recommend", recommend_stage, [data_dir, layout.embeddings_manifest],
-        [os.path.join(rec_dir, grid.RESULTS_FILE)], dataclasses.asdict(spec), work=[rec_dir]),
+        [os.path.join(rec_dir, grid.RESULTS_FILE)], dataclasses.asdict(spec),
+        work=[os.path.join(rec_dir, grid.RESULTS_FILE)]),
       P("report", report_stage, [os.path.join(rec_dir, grid.RESULTS_FILE)],
         [os.path.join(report_dir, f) for f in ("results.md", "results.csv", "results.png",
                                                 "interpretability.md")], {}),
@@ -402,8 +408,11 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", stage_env(w)["JAX_COMPILATION_CACHE_DIR"])
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
   with exit_stack:
-    runner.run(plan, force=force)
-  print(f"report: {os.path.join(report_dir, 'results.md')}")
+    runner.run(plan[:STAGE_NAMES.index(FLAGS.stop_after or "report") + 1], force=force)
+  if FLAGS.stop_after in (None, "report"):
+    print(f"report: {os.path.join(report_dir, 'results.md')}")
+  else:
+    print(f"stopped after the {FLAGS.stop_after} stage (--stop_after)")
 
 
 if __name__ == "__main__":

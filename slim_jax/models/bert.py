@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from slim_jax.models.layers import Linear
+from slim_jax.models.layers import Dropout, Linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -150,7 +150,7 @@ class _Block(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
 
   def dropout(self, x):
-    return nn.Dropout(self.config.dropout_rate)(x, deterministic=self.deterministic)
+    return Dropout(self.config.dropout_rate)(x, deterministic=self.deterministic)
 
 
 class Attention(_Block):

@@ -63,6 +63,43 @@ def _mixed_matmul_bwd(out_dtype, residuals, g):
 _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
+def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float
+                      ) -> tuple[jax.Array, float]:
+  """(keep [shape] bool, the keep probability it was drawn with) for dropout at `rate`.
+
+  Each element reads a b-bit field of a random uint32 word instead of a word of its own
+  (jax.random.bernoulli): b is the fewest bits of 1, 2, 4, 8 and 16 that hold `rate`
+  exactly (1 bit for 0.5, 16 for 0.3, which is then rounded to 19661 / 65536), so the
+  random words, and the threefry work that makes them, shrink 2-32 times. On the 2-core
+  CPU the bits took about a fifth of a SASRec train step (docs/results/recommenders.md).
+  """
+  bits = next((b for b in (1, 2, 4, 8) if float(rate * 2 ** b).is_integer()), 16)
+  threshold = round(rate * 2 ** bits)  # field < threshold: dropped
+  per_word = 32 // bits
+  words = -(-shape[-1] // per_word)  # per row of the last axis
+  raw = jax.random.bits(key, (*shape[:-1], words), jnp.uint32)  # [..., W]
+  shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits  # [per_word]
+  fields = (raw[..., None] >> shifts) & jnp.uint32(2 ** bits - 1)  # [..., W, per_word]
+  fields = fields.reshape(*shape[:-1], words * per_word)[..., :shape[-1]]  # [shape]
+  return fields >= threshold, 1.0 - threshold / 2 ** bits
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (kept elements scaled by 1 / keep probability) with masks from
+  `dropout_keep_mask`; the 'dropout' rng stream, like flax's nn.Dropout."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    keep, keep_prob = dropout_keep_mask(self.make_rng("dropout"), x.shape, self.rate)
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Linear(nn.Module):
   """x [..., I] -> [..., F], kernel [I, F] named by `axes` (in, out)."""
 
@@ -89,6 +126,6 @@ class Linear(nn.Module):
     if self.has_variable(LORA_COLLECTION, "a"):
       a = self.get_variable(LORA_COLLECTION, "a")  # [I, r]
       b = self.get_variable(LORA_COLLECTION, "b")  # [r, F]
-      x_lora = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
+      x_lora = Dropout(self.lora_dropout)(x, deterministic=deterministic)
       y = y + self.lora_scale * matmul(matmul(x_lora, a, self.dtype), b, self.dtype)
     return y

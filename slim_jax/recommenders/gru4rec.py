@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from slim_jax.models.layers import Linear
+from slim_jax.models.layers import Dropout, Linear
 from slim_jax.recommenders.backbone import input_vectors, masked_item_table, padding_mask
 
 
@@ -91,7 +91,7 @@ class GRU4Rec(nn.Module):
                 for i in range(cfg.num_layers)]
     self.dense = Linear(cfg.hidden_size, ("mlp", "embed"), use_bias=True,
                         kernel_init=nn.initializers.xavier_uniform())
-    self.emb_dropout = nn.Dropout(cfg.dropout)
+    self.emb_dropout = Dropout(cfg.dropout)
 
   def item_embeddings(self) -> jnp.ndarray:
     return masked_item_table(self.item_embedding.embedding)  # [V+1, D]

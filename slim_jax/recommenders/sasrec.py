@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from slim_jax.models.layers import Linear
+from slim_jax.models.layers import Dropout, Linear
 from slim_jax.recommenders.backbone import input_vectors, masked_item_table, padding_mask
 
 _NORMAL = nn.initializers.normal(stddev=0.02)  # RecBole's initializer_range
@@ -78,17 +78,17 @@ class SASRecBlock(nn.Module):
     t = x.shape[1]
     scores = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(jnp.float32(h)) + bias
     probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S]
-    probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
+    probs = Dropout(cfg.dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, d)
     y = Linear(d, ("heads", "embed"), use_bias=True, kernel_init=_NORMAL, name="attn_out")(context)
-    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = _layer_norm(cfg.layer_norm_eps, "attn_norm")(y + x)
 
     y = Linear(cfg.ffn_size, ("embed", "mlp"), use_bias=True, kernel_init=_NORMAL,
                name="ffn_in")(x)
     y = jax.nn.gelu(y, approximate=False)  # RecBole's erf GELU
     y = Linear(d, ("mlp", "embed"), use_bias=True, kernel_init=_NORMAL, name="ffn_out")(y)
-    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = Dropout(cfg.dropout)(y, deterministic=deterministic)
     return _layer_norm(cfg.layer_norm_eps, "ffn_norm")(y + x)
 
 
@@ -107,7 +107,7 @@ class SASRec(nn.Module):
         cfg.max_len, cfg.hidden_size,
         embedding_init=nn.with_logical_partitioning(_NORMAL, ("length", "embed")))
     self.input_norm = _layer_norm(cfg.layer_norm_eps, "input_norm")
-    self.input_dropout = nn.Dropout(cfg.dropout)
+    self.input_dropout = Dropout(cfg.dropout)
     self.blocks = [SASRecBlock(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
 
   def item_embeddings(self) -> jnp.ndarray:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from slim_jax.models.layers import Linear
+from slim_jax.models.layers import Dropout, Linear
 from slim_jax.recommenders import backbone as backbone_lib
 from slim_jax.recommenders import rationale_table
 from slim_jax.recommenders import registry
@@ -141,7 +141,7 @@ class SlimIDAgnostic(nn.Module):
                              embedding_init=nn.with_logical_partitioning(
                                  _NORMAL, ("length", "embed")))
     self.norm = nn.LayerNorm(epsilon=1e-12, name="input_norm")
-    self.drop = nn.Dropout(cfg.dropout)
+    self.drop = Dropout(cfg.dropout)
     self.blocks = [SASRecBlock(cfg.block_config(), name=f"g_t_{i}")
                    for i in range(cfg.num_layers)]
 

@@ -6,10 +6,11 @@ For each variant (slim_jax/recommenders/slim.py) on each backbone (ID-agnostic v
 once, backbone 'none'), trains the seeds not yet done together (slim_jax/train/
 seed_stack.py: one program steps every seed, each as slim_jax/train/loop.py would alone)
 and writes `<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each result records
-the fingerprint it was trained under (the pipeline stage's, else `default_fingerprint`: the
-spec, the prepared data and the embeddings); a seed whose result carries the current
-fingerprint is never retrained, one made under another is deleted, checkpoints included,
-and trained again. Each result also keeps, from the best checkpoint, every test user's
+the fingerprint it was trained under (`default_fingerprint`: the spec's training settings,
+`TRAINING_VERSION`, the prepared data and the embeddings); a seed whose result carries the
+current fingerprint is never retrained, one made under another is deleted, checkpoints
+included, and trained again. Cells and seeds outside the spec are left as they are, so a
+grid can be trained in pieces on one workdir and reported whole. Each result also keeps, from the best checkpoint, every test user's
 metrics (`per_user`: NDCG@10, HR@10, HR@20 on the stored candidates, and head@10, the share
 of head items in the user's top-10 over every unseen item), the train loss and validation
 metrics per epoch and the best epoch. A most-popular row (training counts, ties broken at
@@ -130,13 +131,24 @@ def cells(spec: GridSpec) -> list[tuple[str, str]]:
 
 
 
+# Bumped whenever a change to the training code changes the numbers a seed produces, so
+# results trained before it are trained again instead of being mixed with newer ones.
+TRAINING_VERSION = 2  # 2: dropout masks from packed random bits (slim_jax/models/layers.py)
+# Which cells and seeds a run asks for: not part of any seed's fingerprint, so a grid run
+# in pieces (--backbones, --variants, --seeds on one workdir) keeps every piece's seeds.
+_SELECTION_FIELDS = ("backbones", "variants", "seeds")
+
+
 def default_fingerprint(workdir: str, spec: GridSpec) -> str:
-  """What a seed's result depends on: the spec, the prepared data, the embeddings."""
+  """What a seed's result depends on: the training settings of the spec (not which cells
+  and seeds it selects), the training code's version, the prepared data, the embeddings."""
   layout = layout_lib.RunLayout(workdir)
   vectors = sorted(glob.glob(layout.vectors("*")))  # not the folder: it holds an XLA cache
   inputs = {os.path.relpath(path, workdir): io.hash_path(path)
             for path in [layout.data, layout.embeddings_manifest, *vectors]}
-  return io.fingerprint({"spec": dataclasses.asdict(spec), "inputs": inputs})
+  settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _SELECTION_FIELDS}
+  return io.fingerprint({"spec": settings, "training_version": TRAINING_VERSION,
+                         "inputs": inputs})
 
 
 def _reusable_result(run_dir: str, fingerprint: str) -> dict | None:
@@ -199,8 +211,9 @@ def teacher_users(workdir: str, num_users: int) -> list[int]:
 
 
 def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
-               fingerprint: str | None = None) -> dict:
-  """Trains every cell and seed not yet done; writes and returns the results dict."""
+               fingerprint: str | None = None, retrain: bool = False) -> dict:
+  """Trains every cell and seed of `spec` not yet done (with `retrain`, every one of them
+  again); writes and returns the results dict."""
   fingerprint = fingerprint or default_fingerprint(workdir, spec)
   data = load_data(workdir)
   negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
@@ -215,6 +228,9 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
            "per_user": [], "best_epoch": [], "epochs_run": [], "history": []}
     run_dirs = {seed: os.path.join(recommend_dir(workdir, spec), backbone, variant,
                                    f"seed_{seed}") for seed in spec.seeds}
+    if retrain:
+      for run_dir in run_dirs.values():
+        shutil.rmtree(run_dir, ignore_errors=True)
     results = {seed: _reusable_result(run_dirs[seed], fingerprint) for seed in spec.seeds}
     todo = [seed for seed in spec.seeds if results[seed] is None]
     if todo:  # the seeds still to train, as one stack (slim_jax/train/seed_stack.py)

@@ -152,3 +152,33 @@ def test_a_seed_made_under_another_fingerprint_is_trained_again(tmp_path, monkey
   grid.train_grid(work, spec2, log=lambda _: None)
   assert trained == [1, 2]
   assert json.loads(result.read_text())["fingerprint"] == grid.default_fingerprint(work, spec2)
+
+
+def test_a_grid_trained_in_pieces_keeps_every_piece_and_retrain_starts_over(tmp_path,
+                                                                             monkeypatch):
+  work, _ = _workdir(tmp_path)
+  trained = []
+  real = seed_stack.train_and_evaluate_seeds
+  monkeypatch.setattr(seed_stack, "train_and_evaluate_seeds",
+                      lambda *a, **k: trained.append((k["name"], tuple(a[4]))) or real(*a, **k))
+  grid.train_grid(work, _spec(variants=("backbone",), seeds=(0,)), log=lambda _: None)
+  first = (tmp_path / "recommend" / "gru4rec" / "backbone" / "seed_0" / "result.json"
+           ).read_text()
+  # Another seed, then another variant: only what is new trains; earlier pieces stay.
+  grid.train_grid(work, _spec(variants=("backbone",), seeds=(0, 1)), log=lambda _: None)
+  whole = grid.train_grid(work, _spec(variants=("backbone", "agnostic"), seeds=(0, 1)),
+                          log=lambda _: None)
+  assert trained == [("gru4rec/backbone", (0,)), ("gru4rec/backbone", (1,)),
+                     ("none/agnostic", (0, 1))]
+  assert (tmp_path / "recommend" / "gru4rec" / "backbone" / "seed_0" / "result.json"
+          ).read_text() == first
+  assert [(r["backbone"], r["variant"], len(r["per_user"])) for r in whole["rows"]] == [
+      ("gru4rec", "backbone", 2), ("none", "agnostic", 2), ("none", "most-popular", 2)]
+  # A fingerprint leaves out the selection, not the training settings.
+  assert (grid.default_fingerprint(work, _spec(seeds=(0,)))
+          == grid.default_fingerprint(work, _spec(backbones=("sasrec",), seeds=(3, 4))))
+  assert grid.default_fingerprint(work, _spec()) != grid.default_fingerprint(
+      work, _spec(learning_rate=3e-3))
+  grid.train_grid(work, _spec(variants=("backbone",), seeds=(1,)), log=lambda _: None,
+                  retrain=True)
+  assert trained[-1] == ("gru4rec/backbone", (1,))
