@@ -115,7 +115,8 @@ PRESETS = {
         expected={"prepare": 10, "teacher": 1200, "distill": 130, "generate": 800,
                   "encode": 120, "recommend": 30000, "report": 30}),
     "full": Preset(
-        dataset="ml-100k", synthetic=None, max_users=0, teacher_users=0, max_history=50, teacher_tokens=512,
+        dataset="ml-100k", synthetic=None, max_users=0, teacher_users=0, max_history=50,
+        teacher_tokens=512,
         distill_steps=0, distill_max_length=1024, student_tokens=512,
         backbones=("gru4rec", "sasrec", "srgnn"), variants=ALL_VARIANTS, seeds=(0, 1, 2, 3, 4),
         epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,

@@ -5,12 +5,13 @@
 For each variant (slim_jax/recommenders/slim.py) on each backbone (ID-agnostic variants
 once, backbone 'none'), trains the seeds not yet done together (slim_jax/train/
 seed_stack.py: one program steps every seed, each as slim_jax/train/loop.py would alone)
-and writes `<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each result records
-the fingerprint it was trained under (`default_fingerprint`: the spec's training settings,
-`TRAINING_VERSION`, the prepared data and the embeddings); a seed whose result carries the
-current fingerprint is never retrained, one made under another is deleted, checkpoints
-included, and trained again. Cells and seeds outside the spec are left as they are, so a
-grid can be trained in pieces on one workdir and reported whole. Each result also keeps, from the best checkpoint, every test user's
+and writes `<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each
+result records the fingerprint it was trained under (`default_fingerprint`: the spec's
+training settings, `TRAINING_VERSION`, the prepared data and the embeddings); a seed whose
+result carries the current fingerprint is never retrained, one made under another is
+deleted, checkpoints included, and trained again. Cells and seeds outside the spec are left
+as they are, so a grid can be trained in pieces on one workdir and reported whole. Each
+result also keeps, from the best checkpoint, every test user's
 metrics (`per_user`: NDCG@10, HR@10, HR@20 on the stored candidates, and head@10, the share
 of head items in the user's top-10 over every unseen item), the train loss and validation
 metrics per epoch and the best epoch. A most-popular row (training counts, ties broken at
