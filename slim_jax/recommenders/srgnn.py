@@ -154,6 +154,13 @@ def _gather(table: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
   return jnp.take_along_axis(table, index[..., None], axis=2)
 
 
+def _state_weights(alpha: jnp.ndarray, index: jnp.ndarray, num_states: int) -> jnp.ndarray:
+  """alpha [B, P, L], index [B, P, L] -> [B, P, S]: alpha summed per state it points to."""
+  p = jnp.arange(index.shape[1])[:, None]  # [P, 1]
+  return jax.vmap(lambda a, i: jnp.zeros((index.shape[1], num_states), a.dtype)
+                  .at[p, i].add(a))(alpha, index)
+
+
 # ------------------------------------------------------------------------------ model
 
 
@@ -243,14 +250,16 @@ class SRGNN(nn.Module):
     # table [B, S, D] or [B, P, S, D] node states; index [B, P, L] position t's state in prefix p
     mask = padding_mask(inputs)[:, None, :] & (jnp.arange(inputs.shape[1])[None, :]
                                                <= prefixes[:, None])[None]  # [B, P, L]
-    # linear_two on the (fewer) states, then one gather of both: [B, P, L, D] each.
-    both = _gather(jnp.concatenate([table, self.linear_two(table)], -1), index)
-    seq_hidden, q2 = jnp.split(both, 2, axis=-1)
     last = index[:, jnp.arange(len(prefixes)), prefixes]  # [B, P]: the state of position p
     ht = _gather(table, last[..., None])[:, :, 0]  # [B, P, D]
     q1 = self.linear_one(ht)[:, :, None]  # [B, P, 1, D]
+    q2 = _gather(self.linear_two(table), index)  # [B, P, L, D]: linear_two on the states
     alpha = self.linear_three(jax.nn.sigmoid(q1 + q2))[..., 0] * mask  # [B, P, L]
-    a = jnp.einsum("bpl,bpld->bpd", alpha, seq_hidden)  # [B, P, D]
+    # sum_t alpha[p, t] state(index[p, t]) = sum_s weight[p, s] state s: each state's
+    # weights are summed first, so the states are never gathered to [B, P, L, D].
+    weight = _state_weights(alpha, index, table.shape[-2])  # [B, P, S]
+    a = jnp.einsum("bps,bsd->bpd" if table.ndim == 3 else "bps,bpsd->bpd", weight,
+                   table)  # [B, P, D]
     return self.linear_transform(jnp.concatenate([a, ht], -1))  # [B, P, D]
 
   def encode_last(self, inputs: jnp.ndarray, deterministic: bool = True,

@@ -134,7 +134,8 @@ def cells(spec: GridSpec) -> list[tuple[str, str]]:
 
 # Bumped whenever a change to the training code changes the numbers a seed produces, so
 # results trained before it are trained again instead of being mixed with newer ones.
-TRAINING_VERSION = 2  # 2: dropout masks from packed random bits (slim_jax/models/layers.py)
+TRAINING_VERSION = 3  # 2: dropout masks from packed random bits (slim_jax/models/layers.py);
+# 3: SR-GNN readout sums attention weights per state (float rounding)
 # Which cells and seeds a run asks for: not part of any seed's fingerprint, so a grid run
 # in pieces (--backbones, --variants, --seeds on one workdir) keeps every piece's seeds.
 _SELECTION_FIELDS = ("backbones", "variants", "seeds")
