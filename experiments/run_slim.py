@@ -25,9 +25,18 @@ with head items and cold-start users fixed from the full data:
 
 Presets: smoke (synthetic data, tiny budgets: minutes on 2 cores), default (MovieLens-100k
 sampled to 120 users so that the LLM stages fit the 2-core CPU, SmolLM2-135M-Instruct
-teacher and student, MiniLM encoder, 3 backbones, every variant, 5 seeds), full (every
-ml-100k user, 50-item prompts, 512-token rationales, every variant, 5 seeds, long
-training). Explicit flags override a preset (e.g. --max_users=0 --seeds=0,1,2,3,4).
+teacher and student, MiniLM encoder, GRU4Rec and SASRec, 3 seeds), full-cpu (every ml-100k
+user, the default's LLM settings, the whole grid: 3 backbones, every variant, 5 seeds, up
+to 200 epochs with patience 10), full (every ml-100k user, 50-item prompts, 512-token
+rationales: a GPU for the LLM stages). Explicit flags override a preset (e.g. --max_users=0
+--seeds=0,1,2,3,4).
+
+A long grid runs in pieces on one workdir: the LLM stages first, then cells or seeds a
+session at a time; every seed already trained under the same settings is kept, and the
+last run (without the selecting flags) trains nothing new and writes the whole report:
+  python experiments/run_slim.py --preset=full-cpu --workdir=runs/ml100k_full --stop_after=encode
+  python experiments/run_slim.py --preset=full-cpu --workdir=runs/ml100k_full --backbones=gru4rec
+  python experiments/run_slim.py --preset=full-cpu --workdir=runs/ml100k_full
 """
 
 from __future__ import annotations

@@ -204,10 +204,12 @@ def _rationale_lines(rationale_stats: dict) -> list[str]:
 def _curve_lines(keys, rows: dict) -> list[str]:
   lines = ["", "## Training curves", "",
            "Best epoch: the epoch of the best validation NDCG@10 (the checkpoint tested); "
-           "mean and min–max over seeds. Validation curves in curves.png.", "",
+           "mean and min–max over seeds. Validation curves in curves.png. Seconds: the "
+           "cell's training wall clock, all seeds (each seed's share of the stack it was "
+           "trained in, compiling and testing included).", "",
            "| backbone | variant | best epoch | best epoch min–max | epochs run | "
-           "epochs run min–max |", "| --- | --- | --- | --- | --- | --- |"]
-  untrained = []
+           "epochs run min–max | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  untrained, total = [], 0.0
   for key in keys:
     best = [e for e in rows[key].get("best_epoch", []) if e is not None]
     run = [e for e in rows[key].get("epochs_run", []) if e is not None]
@@ -216,8 +218,11 @@ def _curve_lines(keys, rows: dict) -> list[str]:
       continue
     spread = lambda v: f"{min(v)}–{max(v)}" if v else "n/a"
     mean = lambda v: f"{np.mean(v):.1f}" if v else "n/a"
+    seconds = float(sum(rows[key].get("train_seconds", [])))
+    total += seconds
     lines.append(f"| {key[0]} | {key[1]} | {mean(best)} | {spread(best)} | {mean(run)} | "
-                 f"{spread(run)} |")
+                 f"{spread(run)} | {seconds:.0f} |")
+  lines += ["", f"The grid's training: {total:.0f} s ({total / 60:.1f} min) in all."]
   if untrained:
     lines += ["", "Not trained (no epochs): " + ", ".join(untrained) + "."]
   return lines

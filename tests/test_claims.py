@@ -58,6 +58,7 @@ def grid_results(offsets=None, *, users=USERS, seeds=3, rng_seed=0) -> dict:
         "per_user": per_user,
         "best_epoch": [2 + s for s in range(seeds)] if trained else [],
         "epochs_run": [5 + s for s in range(seeds)] if trained else [],
+        "train_seconds": [10.0 * (s + 1) for s in range(seeds)] if trained else [],
         "history": [[{"epoch": e, "train_loss": 1.0 / e, "valid/ndcg@10": 0.1 * e}
                      for e in range(1, 6)] for _ in range(seeds)] if trained else []})
   return {"format": 2, "test_users": list(range(users)), "cold_users": list(range(COLD)),

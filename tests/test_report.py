@@ -112,7 +112,9 @@ def test_popularity_and_curves(md):
   assert "## Popularity bias and cold start" in md
   slim = line_of(md, "| sasrec | slim | 0.4000 ± ")  # head@10 0.4 against backbone's 0.6
   assert "| -33.3% |" in slim
-  assert "| sasrec | slim | 3.0 | 2–4 | 6.0 | 5–7 |" in md
+  assert "| sasrec | slim | 3.0 | 2–4 | 6.0 | 5–7 | 60 |" in md  # 10 + 20 + 30 seconds
+  trained = sum(1 for line in md.splitlines() if line.endswith(" | 60 |"))
+  assert f"The grid's training: {60 * trained} s" in md
   assert "Not trained (no epochs): most-popular." in md
 
 

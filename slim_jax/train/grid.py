@@ -22,7 +22,7 @@ training counts, so every fraction is judged on the same ones.
 results.json = {"format": 2, "test_users": [U], "cold_users": [...], "teacher_users": [...]
 (users with a teacher rationale), "head_share", "rows": [{"backbone", "variant", "seeds",
 "test": [{metric: mean}], "per_user": [{metric: [U]}], "best_epoch", "epochs_run",
-"history"}]}. The text vectors come from `<workdir>/embeddings/`.
+"history", "train_seconds" (each seed's share of its stack's wall clock)}]}. The text vectors come from `<workdir>/embeddings/`.
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
   for backbone, variant in cells(spec):
     model = make_model(workdir, spec, data, backbone, variant)
     row = {"backbone": backbone, "variant": variant, "seeds": list(spec.seeds), "test": [],
-           "per_user": [], "best_epoch": [], "epochs_run": [], "history": []}
+           "per_user": [], "best_epoch": [], "epochs_run": [], "history": [],
+           "train_seconds": []}
     run_dirs = {seed: os.path.join(recommend_dir(workdir, spec), backbone, variant,
                                    f"seed_{seed}") for seed in spec.seeds}
     if retrain:
@@ -260,6 +261,9 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
     for seed in spec.seeds:
       for key in ("test", "per_user", "best_epoch", "epochs_run", "history"):
         row[key].append(results[seed][key])
+      # The seed's share of its stack's wall-clock seconds (compiling and testing included).
+      row["train_seconds"].append(results[seed].get("wall_seconds", 0.0)
+                                  / results[seed].get("stacked_seeds", 1))
     rows.append(row)
   rows.append(most_popular_row(data, test, head, spec.seeds))
   results = {"format": 2, "test_users": [int(u) for u in test.users],

@@ -174,6 +174,9 @@ def test_a_grid_trained_in_pieces_keeps_every_piece_and_retrain_starts_over(tmp_
           ).read_text() == first
   assert [(r["backbone"], r["variant"], len(r["per_user"])) for r in whole["rows"]] == [
       ("gru4rec", "backbone", 2), ("none", "agnostic", 2), ("none", "most-popular", 2)]
+  # Each seed's share of its own stack: seed 0 and seed 1 of backbone were stacks of one.
+  shares = whole["rows"][0]["train_seconds"]
+  assert len(shares) == 2 and all(s > 0 for s in shares)
   # A fingerprint leaves out the selection, not the training settings.
   assert (grid.default_fingerprint(work, _spec(seeds=(0,)))
           == grid.default_fingerprint(work, _spec(backbones=("sasrec",), seeds=(3, 4))))
