@@ -1,0 +1,70 @@
+"""Copies a run folder (experiments/run_slim.py --workdir) into the repository, so that a
+long run made in pieces (the full MovieLens-100k grid) continues in a later session from
+what earlier sessions committed.
+
+  python scripts/snapshot_run.py runs/ml100k_full docs/results/slim_ml100k_full/workdir
+  cp -r docs/results/slim_ml100k_full/workdir runs/ml100k_full    # later: continue from it
+
+Kept: the prepared data, the rationales, the LoRA adapter, the embeddings, the stage
+manifests, every seed's result.json and the one checkpoint the interpretability page reads
+(<backbone>/slim/seed_0). Left out, as rebuildable or large: the XLA cache, the distillation
+checkpoints, the other recommender checkpoints, locks and in-progress markers. The stage
+manifests name absolute paths: restore the folder at the same path (the repository's
+runs/), or its stages run again. Files already in the destination are overwritten; files
+the run no longer has are removed from it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import sys
+
+LEFT_OUT = ("cache/*", "distill/checkpoints/*", "recommend/*/checkpoints/*", "*.lock",
+            "pipeline/lock", "pipeline/*.started.json", "*.tmp")
+KEPT_CHECKPOINTS = ("recommend/*/slim/seed_0/checkpoints/*",)
+
+
+def wanted(relative: str) -> bool:
+  if any(fnmatch.fnmatch(relative, p) for p in KEPT_CHECKPOINTS):
+    return True
+  return not any(fnmatch.fnmatch(relative, p) for p in LEFT_OUT)
+
+
+def snapshot(source: str, destination: str) -> list[str]:
+  """Mirrors the wanted files of `source` into `destination`; returns their paths."""
+  if not os.path.isfile(os.path.join(source, "pipeline", "prepare.json")):
+    raise SystemExit(f"{source} is not a run folder (no pipeline/prepare.json): pass the "
+                     "--workdir of experiments/run_slim.py")
+  copied = []
+  for folder, _, files in os.walk(source):
+    for name in files:
+      path = os.path.join(folder, name)
+      relative = os.path.relpath(path, source)
+      if wanted(relative):
+        target = os.path.join(destination, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(path, target)
+        copied.append(relative)
+  keep = set(copied)
+  for folder, _, files in os.walk(destination, topdown=False):
+    for name in files:
+      relative = os.path.relpath(os.path.join(folder, name), destination)
+      if relative not in keep:
+        os.remove(os.path.join(folder, name))
+    if folder != destination and not os.listdir(folder):
+      os.rmdir(folder)
+  return copied
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 3:
+    raise SystemExit(__doc__)
+  copied = snapshot(argv[1], argv[2])
+  size = sum(os.path.getsize(os.path.join(argv[2], p)) for p in copied)
+  print(f"{len(copied)} files, {size / 2**20:.1f} MiB in {argv[2]}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
