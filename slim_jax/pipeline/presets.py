@@ -113,9 +113,9 @@ PRESETS = {
         epochs=200, patience=10, hidden_size=64, batch_size=256, max_len=50,
         keep_cut_rationales=True,
         # lr 3e-3, measured on every user, 5 seeds, the backbone rows (2026-12-05): SASRec
-        # test NDCG@10 0.450 +- 0.013 (sample std) with 41-74 epochs run, against 0.457 +- 0.007 and
-        # 93-133 at 1e-3 (docs/results/backbones_ml100k.md); GRU4Rec 0.437 +- 0.008 with
-        # 57-99 epochs, against 0.396 +- 0.046 and 26-126.
+        # test NDCG@10 0.450 +- 0.013 (sample std) with 41-74 epochs run, against 0.457 +-
+        # 0.007 and 93-133 at 1e-3 (docs/results/backbones_ml100k.md); GRU4Rec 0.437 +-
+        # 0.008 with 57-99 epochs, against 0.396 +- 0.046 and 26-126.
         learning_rate=3e-3,
         expected={"prepare": 10, "teacher": 1200, "distill": 130, "generate": 800,
                   "encode": 120, "recommend": 30000, "report": 30}),
