@@ -71,7 +71,7 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float
   (jax.random.bernoulli): b is the fewest bits of 1, 2, 4, 8 and 16 that hold `rate`
   exactly (1 bit for 0.5, 16 for 0.3, which is then rounded to 19661 / 65536), so the
   random words, and the threefry work that makes them, shrink 2-32 times. On the 2-core
-  CPU the bits took about a fifth of a SASRec train step (docs/results/recommenders.md).
+  CPU the bits took about a fifth of a SASRec train step (docs/results/grid_speed.md).
   """
   bits = next((b for b in (1, 2, 4, 8) if float(rate * 2 ** b).is_integer()), 16)
   threshold = round(rate * 2 ** bits)  # field < threshold: dropped
