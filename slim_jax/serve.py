@@ -328,13 +328,12 @@ class ChatServer:
 
   def count_prompt_tokens(self, messages: list[dict]) -> int:
     try:
-      text = self.generator.render_chat(messages)
+      return len(self.generator.chat_ids(messages))
     except Exception as e:  # pylint: disable=broad-except
       if _is_template_error(e):
         raise APIError(400, f"the model's chat template rejects these messages: {e}",
                        param="messages", code="invalid_messages") from None
       raise
-    return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _is_template_error(error: Exception) -> bool:

@@ -60,6 +60,9 @@ class FakeGenerator:
       raise jinja2.exceptions.TemplateError("Conversation roles must alternate")
     return " ".join(m["content"] for m in messages)
 
+  def chat_ids(self, messages):
+    return self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"]
+
   def chat(self, conversations, sampling=FakeSampling(), callback=None, should_stop=None):
     rows = len(conversations)
     if any(POISON in m["content"] for c in conversations for m in c):
