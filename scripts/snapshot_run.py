@@ -7,11 +7,11 @@ what earlier sessions committed.
 
 Kept: the prepared data, the rationales, the LoRA adapter, the embeddings, the stage
 manifests, every seed's result.json and the one checkpoint the interpretability page reads
-(<backbone>/slim/seed_0). Left out, as rebuildable or large: the XLA cache, the distillation
-checkpoints, the other recommender checkpoints, locks and in-progress markers. The stage
-manifests name absolute paths: restore the folder at the same path (the repository's
-runs/), or its stages run again. Files already in the destination are overwritten; files
-the run no longer has are removed from it.
+(<backbone>/slim/seed_0). Left out, as rebuildable or large: the XLA cache, the encoder's
+text cache, the distillation checkpoints, the other recommender checkpoints, locks and
+in-progress markers. The stage manifests name absolute paths: restore the folder at the
+same path (the repository's runs/), or its stages run again. Files already in the
+destination are overwritten; files the run no longer has are removed from it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 
-LEFT_OUT = ("cache/*", "distill/checkpoints/*", "recommend/*/checkpoints/*", "*.lock",
+LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*", "recommend/*/checkpoints/*", "*.lock",
             "pipeline/lock", "pipeline/*.started.json", "*.tmp")
 KEPT_CHECKPOINTS = ("recommend/*/slim/seed_0/checkpoints/*",)
 

@@ -15,7 +15,7 @@ KEPT = ["pipeline/prepare.json", "pipeline/recommend.json", "data/negatives.npz"
         "embeddings/items.npy", "recommend/gru4rec/slim/seed_0/result.json",
         "recommend/gru4rec/slim/seed_0/checkpoints/12/params",
         "recommend/sasrec/backbone/seed_3/result.json"]
-LEFT_OUT = ["cache/xla/abc", "distill/checkpoints/6/params", "pipeline/lock",
+LEFT_OUT = ["cache/xla/abc", "embeddings/cache/9166/chunk-1.npz", "distill/checkpoints/6/params", "pipeline/lock",
             "pipeline/recommend.started.json", "rationales/teacher.lock",
             "recommend/gru4rec/slim/seed_1/checkpoints/9/params",
             "recommend/sasrec/backbone/seed_3/checkpoints/4/params"]
