@@ -21,8 +21,9 @@ import os
 import shutil
 import sys
 
-LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*", "recommend/*/checkpoints/*", "*.lock",
-            "pipeline/lock", "pipeline/*.started.json", "*.tmp")
+LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*",
+            "recommend/*/checkpoints/*", "*.lock", "pipeline/lock", "pipeline/*.started.json",
+            "*.tmp")
 KEPT_CHECKPOINTS = ("recommend/*/slim/seed_0/checkpoints/*",)
 
 
