@@ -417,7 +417,9 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", stage_env(w)["JAX_COMPILATION_CACHE_DIR"])
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
   with exit_stack:
-    runner.run(plan[:STAGE_NAMES.index(FLAGS.stop_after or "report") + 1], force=force)
+    names = [stage.name for stage in plan]
+    plan = plan[:names.index(FLAGS.stop_after or names[-1]) + 1]  # --stop_after
+    runner.run(plan, force=[f for f in force if f in {stage.name for stage in plan}])
   if FLAGS.stop_after in (None, "report"):
     print(f"report: {os.path.join(report_dir, 'results.md')}")
   else:

@@ -3,15 +3,17 @@ long run made in pieces (the full MovieLens-100k grid) continues in a later sess
 what earlier sessions committed.
 
   python scripts/snapshot_run.py runs/ml100k_full docs/results/slim_ml100k_full/workdir
-  cp -r docs/results/slim_ml100k_full/workdir runs/ml100k_full    # later: continue from it
+  mkdir -p runs/ml100k_full && cp -a docs/results/slim_ml100k_full/workdir/. runs/ml100k_full/
 
 Kept: the prepared data, the rationales, the LoRA adapter, the embeddings, the stage
-manifests, every seed's result.json and the one checkpoint the interpretability page reads
-(<backbone>/slim/seed_0). Left out, as rebuildable or large: the XLA cache, the encoder's
-text cache, the distillation checkpoints, the other recommender checkpoints, locks and
-in-progress markers. The stage manifests name absolute paths: restore the folder at the
-same path (the repository's runs/), or its stages run again. Files already in the
-destination are overwritten; files the run no longer has are removed from it.
+manifests, every seed's result.json and the checkpoints the interpretability page may read
+(every backbone's slim/seed_0). Left out, as rebuildable or large: the XLA cache, the
+encoder's text cache, the distillation checkpoints, the other recommender checkpoints,
+locks and in-progress markers. The stage manifests name absolute paths: restore the folder
+at the same path (the repository's runs/), or its stages run again. Files already in the
+destination are overwritten; files the run no longer has are removed from it; a
+destination inside the run (or around it), or a non-empty folder that is not an earlier
+snapshot, is refused.
 """
 
 from __future__ import annotations
@@ -21,23 +23,35 @@ import os
 import shutil
 import sys
 
+ALWAYS_LEFT_OUT = ("*.lock", "*.tmp", "pipeline/lock", "pipeline/*.started.json")
 LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*",
-            "recommend/*/checkpoints/*", "*.lock", "pipeline/lock", "pipeline/*.started.json",
-            "*.tmp")
-KEPT_CHECKPOINTS = ("recommend/*/slim/seed_0/checkpoints/*",)
+            "recommend/*/checkpoints/*")
+KEPT = ("recommend/*/slim/seed_0/checkpoints/*",)  # every backbone's: the page reads the
+# first backbone of the run's --backbones
 
 
 def wanted(relative: str) -> bool:
-  if any(fnmatch.fnmatch(relative, p) for p in KEPT_CHECKPOINTS):
-    return True
-  return not any(fnmatch.fnmatch(relative, p) for p in LEFT_OUT)
+  match = lambda patterns: any(fnmatch.fnmatch(relative, p) for p in patterns)  # noqa: E731
+  return not match(ALWAYS_LEFT_OUT) and (match(KEPT) or not match(LEFT_OUT))
+
+
+def _is_run(folder: str) -> bool:
+  return os.path.isfile(os.path.join(folder, "pipeline", "prepare.json"))
 
 
 def snapshot(source: str, destination: str) -> list[str]:
   """Mirrors the wanted files of `source` into `destination`; returns their paths."""
-  if not os.path.isfile(os.path.join(source, "pipeline", "prepare.json")):
+  if not _is_run(source):
     raise SystemExit(f"{source} is not a run folder (no pipeline/prepare.json): pass the "
                      "--workdir of experiments/run_slim.py")
+  src, dst = os.path.realpath(source), os.path.realpath(destination)
+  if os.path.commonpath([src, dst]) in (src, dst):
+    raise SystemExit(f"{destination} and {source} are inside one another: pass a folder "
+                     "of its own (e.g. docs/results/<run>/workdir)")
+  if os.path.isdir(dst) and os.listdir(dst) and not _is_run(dst):
+    raise SystemExit(f"{destination} is not empty and holds no earlier snapshot (no "
+                     "pipeline/prepare.json); nothing was written: pass an empty or new "
+                     "folder")
   copied = []
   for folder, _, files in os.walk(source):
     for name in files:

@@ -69,19 +69,24 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float
 
   Each element reads a b-bit field of a random uint32 word instead of a word of its own
   (jax.random.bernoulli): b is the fewest bits of 1, 2, 4, 8 and 16 that hold `rate`
-  exactly (1 bit for 0.5, 16 for 0.3, which is then rounded to 19661 / 65536), so the
-  random words, and the threefry work that makes them, shrink 2-32 times. On the 2-core
-  CPU the bits took about a fifth of a SASRec train step (docs/results/grid_speed.md).
+  exactly (1 bit for 0.5), else 16 bits when they hold it to 0.1% (0.3 becomes 19661 /
+  65536), else 32; so the random words, and the threefry work that makes them, shrink up
+  to 32 times. On the 2-core CPU the bits took about a fifth of a SASRec train step
+  (docs/results/grid_speed.md).
   """
-  bits = next((b for b in (1, 2, 4, 8) if float(rate * 2 ** b).is_integer()), 16)
-  threshold = round(rate * 2 ** bits)  # field < threshold: dropped
+  exact = [b for b in (1, 2, 4, 8, 16) if float(rate * 2 ** b).is_integer()]
+  close = abs(round(rate * 2 ** 16) / 2 ** 16 - rate) <= 1e-3 * min(rate, 1.0 - rate)
+  bits = exact[0] if exact else 16 if close else 32
+  # field < threshold: dropped; at least one value dropped and one kept (rates within
+  # 2**-32 of 0 or 1 round to the nearest such)
+  threshold = min(max(round(rate * 2 ** bits), 1), 2 ** bits - 1)
   per_word = 32 // bits
   words = -(-shape[-1] // per_word)  # per row of the last axis
   raw = jax.random.bits(key, (*shape[:-1], words), jnp.uint32)  # [..., W]
   shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits  # [per_word]
   fields = (raw[..., None] >> shifts) & jnp.uint32(2 ** bits - 1)  # [..., W, per_word]
   fields = fields.reshape(*shape[:-1], words * per_word)[..., :shape[-1]]  # [shape]
-  return fields >= threshold, 1.0 - threshold / 2 ** bits
+  return fields >= jnp.uint32(threshold), 1.0 - threshold / 2 ** bits
 
 
 class Dropout(nn.Module):
@@ -97,7 +102,8 @@ class Dropout(nn.Module):
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
     keep, keep_prob = dropout_keep_mask(self.make_rng("dropout"), x.shape, self.rate)
-    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+    scaled = (x.astype(jnp.float32) / keep_prob).astype(x.dtype)  # 1 / keep_prob unrounded
+    return jnp.where(keep, scaled, jnp.zeros((), x.dtype))
 
 
 class Linear(nn.Module):

@@ -15,7 +15,9 @@ KEPT = ["pipeline/prepare.json", "pipeline/recommend.json", "data/negatives.npz"
         "embeddings/items.npy", "recommend/gru4rec/slim/seed_0/result.json",
         "recommend/gru4rec/slim/seed_0/checkpoints/12/params",
         "recommend/sasrec/backbone/seed_3/result.json"]
-LEFT_OUT = ["cache/xla/abc", "embeddings/cache/9166/chunk-1.npz", "distill/checkpoints/6/params", "pipeline/lock",
+LEFT_OUT = ["cache/xla/abc", "embeddings/cache/9166/chunk-1.npz",
+            "recommend/gru4rec/slim/seed_0/checkpoints/12/params.tmp",
+            "distill/checkpoints/6/params", "pipeline/lock",
             "pipeline/recommend.started.json", "rationales/teacher.lock",
             "recommend/gru4rec/slim/seed_1/checkpoints/9/params",
             "recommend/sasrec/backbone/seed_3/checkpoints/4/params"]
@@ -44,3 +46,16 @@ def test_snapshot_keeps_results_and_mirrors_the_run(tmp_path):
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
   with pytest.raises(SystemExit, match="not a run folder"):
     snapshot_run.snapshot(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_destinations_that_would_lose_files_are_refused(tmp_path):
+  run = tmp_path / "run"
+  _write(run, "pipeline/prepare.json")
+  with pytest.raises(SystemExit, match="inside one another"):
+    snapshot_run.snapshot(str(run), str(run / "snap"))
+  with pytest.raises(SystemExit, match="inside one another"):
+    snapshot_run.snapshot(str(run), str(tmp_path))
+  _write(tmp_path / "results", "README.md", "the report")  # the folder above workdir/
+  with pytest.raises(SystemExit, match="not empty"):
+    snapshot_run.snapshot(str(run), str(tmp_path / "results"))
+  assert (tmp_path / "results" / "README.md").read_text() == "the report"
