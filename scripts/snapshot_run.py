@@ -9,7 +9,8 @@ Kept: the prepared data, the rationales, the LoRA adapter, the embeddings, the s
 manifests, every seed's result.json and the checkpoints the interpretability page may read
 (every backbone's slim/seed_0). Left out, as rebuildable or large: the XLA cache, the
 encoder's text cache, the distillation checkpoints, the other recommender checkpoints,
-locks and in-progress markers. The stage manifests name absolute paths: restore the folder
+locks and in-progress markers, and any file over 2 MiB (the LoRA adapter, the item
+vectors: the run folder keeps them; without them their stages run again). The stage manifests name absolute paths: restore the folder
 at the same path (the repository's runs/), or its stages run again. Files already in the
 destination are overwritten; files the run no longer has are removed from it; a
 destination inside the run (or around it), or a non-empty folder that is not an earlier
@@ -26,6 +27,9 @@ import sys
 ALWAYS_LEFT_OUT = ("*.lock", "*.tmp", "pipeline/lock", "pipeline/*.started.json")
 LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*",
             "recommend/*/checkpoints/*")
+# Files over this stay out of git (weights and data belong to set-up): the LoRA adapter and
+# the item vectors; a continuing session keeps them in runs/ or rebuilds them.
+MAX_BYTES = 2 * 2**20
 KEPT = ("recommend/*/slim/seed_0/checkpoints/*",)  # every backbone's: the page reads the
 # first backbone of the run's --backbones
 
@@ -57,7 +61,7 @@ def snapshot(source: str, destination: str) -> list[str]:
     for name in files:
       path = os.path.join(folder, name)
       relative = os.path.relpath(path, source)
-      if wanted(relative):
+      if wanted(relative) and os.path.getsize(path) <= MAX_BYTES:
         target = os.path.join(destination, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy2(path, target)

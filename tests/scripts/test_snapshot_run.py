@@ -33,6 +33,7 @@ def test_snapshot_keeps_results_and_mirrors_the_run(tmp_path):
   run, out = tmp_path / "run", tmp_path / "out"
   for relative in KEPT + LEFT_OUT:
     _write(run, relative)
+  _write(run, "embeddings/teacher.npy", "x" * (snapshot_run.MAX_BYTES + 1))  # too big for git
   assert sorted(snapshot_run.snapshot(str(run), str(out))) == sorted(KEPT)
   assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(KEPT)
   # The run moves on: a seed retrained with new results, a stale one removed.
