@@ -360,8 +360,8 @@ def main(argv):
   report_dir = layout.report
 
   def recommend_stage(fingerprint):
-    del fingerprint  # each seed records the grid's own (grid.default_fingerprint), which
-    # leaves out the cells and seeds asked for: pieces of one grid keep each other's seeds
+    del fingerprint  # each seed records grid.default_fingerprint, which leaves out the
+    # cells and seeds asked for: pieces of one grid keep each other's seeds
     grid.train_grid(w, spec, log=lambda m: print(m, flush=True),
                     retrain="recommend" in pipeline.downstream(plan, force))
 

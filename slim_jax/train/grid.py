@@ -22,7 +22,8 @@ training counts, so every fraction is judged on the same ones.
 results.json = {"format": 2, "test_users": [U], "cold_users": [...], "teacher_users": [...]
 (users with a teacher rationale), "head_share", "rows": [{"backbone", "variant", "seeds",
 "test": [{metric: mean}], "per_user": [{metric: [U]}], "best_epoch", "epochs_run",
-"history", "train_seconds" (each seed's share of its stack's wall clock)}]}. The text vectors come from `<workdir>/embeddings/`.
+"history", "train_seconds" (each seed's share of its stack's wall clock)}]}. The text
+vectors come from `<workdir>/embeddings/`.
 """
 
 from __future__ import annotations
@@ -131,7 +132,6 @@ def cells(spec: GridSpec) -> list[tuple[str, str]]:
   return out
 
 
-
 # Bumped whenever a change to the training code changes the numbers a seed produces, so
 # results trained before it are trained again instead of being mixed with newer ones.
 TRAINING_VERSION = 3  # 2: dropout masks from packed random bits (slim_jax/models/layers.py);
@@ -213,10 +213,10 @@ def teacher_users(workdir: str, num_users: int) -> list[int]:
 
 
 def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
-               fingerprint: str | None = None, retrain: bool = False) -> dict:
+               retrain: bool = False) -> dict:
   """Trains every cell and seed of `spec` not yet done (with `retrain`, every one of them
   again); writes and returns the results dict."""
-  fingerprint = fingerprint or default_fingerprint(workdir, spec)
+  fingerprint = default_fingerprint(workdir, spec)
   data = load_data(workdir)
   negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
   test = sequences.eval_set(data, "test", negatives, spec.max_len)
