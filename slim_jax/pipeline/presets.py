@@ -83,8 +83,10 @@ PRESETS = {
         # fresh clone of de8a23b: teacher 106 s, distill 148 s, generate 165 s, encode
         # 22 s, recommend 645 s. With the shared prompt prefix held once and prompts
         # batched by length, 13.0 min on an idle fresh clone of bb95365 (2026-12-04):
-        # teacher 68 s, distill 122 s, generate 100 s, encode 13 s, recommend 417 s
-        # (docs/results/slim_ml100k_default/).
+        # teacher 68 s, distill 122 s, generate 100 s, encode 13 s, recommend 417 s. With
+        # dropout masks from packed random bits, 11.7 min on an idle fresh clone of bea018b
+        # (2026-12-05): teacher 63 s, distill 116 s, generate 97 s, encode 13 s, recommend
+        # 367 s (docs/results/slim_ml100k_default/).
         expected={"prepare": 5, "teacher": 80, "distill": 130, "generate": 110,
                   "encode": 20, "recommend": 500, "report": 5},
         reading=(
