@@ -157,14 +157,6 @@ def check_endpoint(url: str) -> None:
                          "(python -m slim_jax.serve --model=...) or fix the URL") from e
 
 
-def _die_with_parent() -> None:
-  """In the server's process before exec (Linux): SIGTERM it when this run dies, even by
-  SIGKILL, so no teacher server outlives the pipeline."""
-  if sys.platform.startswith("linux"):
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class OwnTeacherServer:
   """python -m slim_jax.serve on 127.0.0.1 with a free port, for the teacher stage."""
 
@@ -177,9 +169,10 @@ class OwnTeacherServer:
          # client's next requests keeps batches full (at the serve default of 20 ms, the
          # ml-100k teacher stage ran 17 batches of about 5 rows instead of 10 of 8).
          "--batch_window_ms", "250",
-         "--default_max_tokens", str(max_tokens), "--verbosity", str(FLAGS.verbosity)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
-        env=stage_env(workdir), preexec_fn=_die_with_parent)
+         "--default_max_tokens", str(max_tokens), "--verbosity", str(FLAGS.verbosity),
+         # SIGTERM when this run dies, even by SIGKILL: no teacher server outlives it.
+         "--exit_with_parent", str(os.getpid())],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True, env=stage_env(workdir))
     line = ""
     while "serving" not in line:
       line = self.proc.stdout.readline()

@@ -584,6 +584,21 @@ def _completion_body(model_name: str, completions, prompt_tokens: int) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
+def exit_with_parent(pid: int) -> None:
+  """SIGTERM this process when its parent `pid` dies, even by SIGKILL (Linux
+  PR_SET_PDEATHSIG; elsewhere a warning). Set here, after exec, rather than in the parent's
+  `preexec_fn`, which is unsafe in a multithreaded parent such as a JAX process."""
+  if not sys.platform.startswith("linux"):
+    logging.warning("--exit_with_parent=%d: only Linux can tie a server to its parent; it "
+                    "will outlive a killed parent here", pid)
+    return
+  import ctypes  # pylint: disable=import-outside-toplevel
+  ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  if os.getppid() != pid:  # the parent died before the line above, or is another process
+    sys.exit(f"--exit_with_parent={pid}: this server's parent is pid {os.getppid()}, not "
+             f"{pid} (it has exited); not serving")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m slim_jax.serve",
@@ -611,6 +626,10 @@ def main(argv: list[str] | None = None) -> None:
                       "instead of one per power of two (fewer compilations on CPU).")
   parser.add_argument("--drain_seconds", type=float, default=30.0,
                       help="On SIGTERM/SIGINT, how long requests in flight may finish.")
+  parser.add_argument("--exit_with_parent", type=int, default=None, metavar="PID",
+                      help="Linux: get SIGTERM when process PID (this server's parent) dies, "
+                      "even by SIGKILL; exit at once if PID is not the parent. Pipelines "
+                      "that start their own server pass their pid.")
   parser.add_argument("--verbosity", type=int, default=0,
                       help="1 or more: also the INFO lines of libraries (httpx, orbax, ...).")
   limits = serve_guard.ServerLimits()
@@ -632,6 +651,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="The API key itself (visible to other users in the process list: "
                       "prefer --api_key_env).")
   args = parser.parse_args(argv)
+  if args.exit_with_parent is not None:
+    exit_with_parent(args.exit_with_parent)
   api_key = args.api_key
   if args.api_key_env:
     api_key = os.environ.get(args.api_key_env)

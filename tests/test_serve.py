@@ -14,6 +14,7 @@ import threading
 import time
 
 import openai
+import psutil
 import pytest
 
 from llama_fixtures import smollm2_gguf, write_tiny_llama
@@ -345,6 +346,56 @@ def test_cli_with_an_adapter_serves_then_stops_gracefully_on_sigterm(
   finally:
     if process.poll() is None:
       process.kill()
+
+
+def test_cli_refuses_to_serve_when_the_given_parent_is_not_its_parent():
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  done = subprocess.run(
+      [sys.executable, "-m", "slim_jax.serve", "--model=/nonexistent", "--exit_with_parent=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0
+  assert f"--exit_with_parent=1: this server's parent is pid {os.getpid()}" in done.stderr
+
+
+PARENT = """
+import os, subprocess, sys, time
+server = subprocess.Popen([sys.executable, "-m", "slim_jax.serve", "--model=" + sys.argv[1],
+                           "--port=0", "--max_seq_len=256", "--max_batch_size=2",
+                           "--exit_with_parent=" + str(os.getpid())],
+                          stdout=subprocess.PIPE, text=True)
+print(server.pid, server.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_cli_server_exits_when_its_parent_is_killed(tiny_llama_dir):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tiny_llama_dir)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, text=True)
+  server_pid = None
+  try:
+    pid, line = parent.stdout.readline().split(" ", 1)
+    server_pid = int(pid)
+    assert line.startswith("serving "), line
+    parent.kill()  # SIGKILL: the parent runs no cleanup
+    parent.wait()
+
+    def gone():
+      try:
+        return psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+      except psutil.NoSuchProcess:
+        return True
+
+    deadline = time.monotonic() + 60
+    while not gone():
+      assert time.monotonic() < deadline, "the server outlived its SIGKILLed parent"
+      time.sleep(0.2)
+  finally:
+    if parent.poll() is None:
+      parent.kill()
+    if server_pid is not None and psutil.pid_exists(server_pid):
+      psutil.Process(server_pid).kill()
 
 
 @pytest.mark.slow
