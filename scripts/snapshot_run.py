@@ -5,16 +5,17 @@ what earlier sessions committed.
   python scripts/snapshot_run.py runs/ml100k_full docs/results/slim_ml100k_full/workdir
   mkdir -p runs/ml100k_full && cp -a docs/results/slim_ml100k_full/workdir/. runs/ml100k_full/
 
-Kept: the prepared data, the rationales, the LoRA adapter, the embeddings, the stage
-manifests, every seed's result.json and the checkpoints the interpretability page may read
-(every backbone's slim/seed_0). Left out, as rebuildable or large: the XLA cache, the
-encoder's text cache, the distillation checkpoints, the other recommender checkpoints,
-locks and in-progress markers, and any file over 2 MiB (the LoRA adapter, the item
-vectors: the run folder keeps them; without them their stages run again). The stage manifests name absolute paths: restore the folder
-at the same path (the repository's runs/), or its stages run again. Files already in the
-destination are overwritten; files the run no longer has are removed from it; a
-destination inside the run (or around it), or a non-empty folder that is not an earlier
-snapshot, is refused.
+Kept: the prepared data, the rationales, the embeddings, the stage manifests, every seed's
+result.json and the checkpoints the interpretability page may read (every backbone's
+slim/seed_0). Left out, as rebuildable or large: the XLA cache, the encoder's text cache,
+the distillation checkpoints, the other recommender checkpoints, locks and in-progress
+markers, and any file over 2 MiB (the LoRA adapter, the item vectors, a large
+recommend/results.json: the run folder keeps them; without the first two their stages
+run again, and results.json is rebuilt from the seeds' results). The stage manifests name
+absolute paths: restore the folder at the same path (the repository's runs/), or its
+stages run again. Files already in the destination are overwritten; files the run no
+longer has are removed from it; a destination inside the run (or around it), or a
+non-empty folder that is not an earlier snapshot, is refused.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import sys
 ALWAYS_LEFT_OUT = ("*.lock", "*.tmp", "pipeline/lock", "pipeline/*.started.json")
 LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*",
             "recommend/*/checkpoints/*")
-# Files over this stay out of git (weights and data belong to set-up): the LoRA adapter and
-# the item vectors; a continuing session keeps them in runs/ or rebuilds them.
+# Files over this stay out of git (weights and data belong to set-up): the LoRA adapter, the
+# item vectors, the full grid's results.json; a continuing session keeps or rebuilds them.
 MAX_BYTES = 2 * 2**20
 KEPT = ("recommend/*/slim/seed_0/checkpoints/*",)  # every backbone's: the page reads the
 # first backbone of the run's --backbones

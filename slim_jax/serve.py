@@ -596,7 +596,7 @@ def exit_with_parent(pid: int) -> None:
   ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
   if os.getppid() != pid:  # the parent died before the line above, or is another process
     sys.exit(f"--exit_with_parent={pid}: this server's parent is pid {os.getppid()}, not "
-             f"{pid} (it has exited); not serving")
+             f"{pid} (which has exited or never started this server); not serving")
 
 
 def main(argv: list[str] | None = None) -> None:
