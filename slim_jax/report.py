@@ -1,6 +1,6 @@
 """The SLIM report, from the grid results dict (format 2, slim_jax/claims.py reads it):
 
-  results.md     the paper's table (mean ± std over seeds, controls and most-popular
+  results.md     the paper's table (mean ± sample std over seeds, controls and most-popular
                  included, rows that do not beat most-popular marked), the claims with
                  their bootstrap intervals and verdicts, popularity bias and cold start,
                  the rationales' quality, training curves, reading notes, stage times
@@ -24,6 +24,7 @@ import numpy as np
 
 from slim_jax import claims as claims_lib
 from slim_jax import io
+from slim_jax.train.metrics import sample_std
 
 METRICS = claims_lib.METRICS
 RATIONALE_FIELDS = (("records", "records"), ("parse_rate", "Step parse rate"),
@@ -32,13 +33,14 @@ RATIONALE_FIELDS = (("records", "records"), ("parse_rate", "Step parse rate"),
 
 
 def summarize(per_seed: list[dict]) -> dict[str, tuple[float, float]]:
-  return {m: (float(np.mean([r[m] for r in per_seed])), float(np.std([r[m] for r in per_seed])))
+  """{metric: (mean, sample std)} over the seeds' results."""
+  return {m: (float(np.mean([r[m] for r in per_seed])), sample_std([r[m] for r in per_seed]))
           for m in METRICS}
 
 
 def _stat(values) -> str:
   values = [v for v in values if v is not None and not math.isnan(v)]
-  return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "n/a"
+  return f"{np.mean(values):.4f} ± {sample_std(values):.4f}" if values else "n/a"
 
 
 def _gain(stats: dict, key: claims_lib.Key) -> float | None:
@@ -102,8 +104,8 @@ def _header(results: dict, rows: dict, keys, title: str, command: str) -> list[s
            "users (their held-out item is rare in the training data); "
            f"{len(results['teacher_users'])} users with a teacher rationale. Head items: the "
            f"most interacted-with {100 * results['head_share']:g}% of items.", "",
-           f"Test metrics, mean ± std over {seeds} seed(s); each held-out item ranked against "
-           "100 sampled negatives. Gain: NDCG@10 of SLIM (or the ID-agnostic model) relative "
+           f"Test metrics, mean ± sample std over {seeds} seed(s); each held-out item ranked "
+           "against 100 sampled negatives. Gain: NDCG@10 of SLIM (or the ID-agnostic model) relative "
            "to backbone+ (for ID-agnostic: the best backbone+).", ""]
   if command:
     lines += ["Command:", "", f"    {command}", ""]
@@ -161,7 +163,7 @@ def _bias_lines(results: dict, keys, rows: dict) -> list[str]:
   lines = ["", "## Popularity bias and cold start", "",
            "Head share: fraction of the top-10 (ranked over every unseen item) that are head "
            "items; vs backbone: relative to the row's backbone. Cold start: test metrics on "
-           f"the {len(results['cold_users'])} cold-start users. Mean ± std over seeds.", "",
+           f"the {len(results['cold_users'])} cold-start users. Mean ± sample std over seeds.", "",
            "| backbone | variant | head@10 share | vs backbone | cold NDCG@10 | cold HR@10 |",
            "| --- | --- | --- | --- | --- | --- |"]
 

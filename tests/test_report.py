@@ -60,7 +60,7 @@ def test_header_command_reading_and_stages(md):
   assert md.startswith(f"# {TITLE}\n")
   assert f"{USERS} test users; {COLD} cold-start users" in md
   assert f"{TEACHER} users with a teacher rationale" in md and "20% of items" in md
-  assert "mean ± std over 3 seed(s)" in md
+  assert "mean ± sample std over 3 seed(s)" in md
   assert f"\n    {COMMAND}\n" in md
   assert f"## Reading\n\n{READING[0]}\n\n{READING[1]}\n" in md
   assert "| prepare | done | 1.5 |" in md and "| recommend | done | 30.2 |" in md
@@ -71,7 +71,7 @@ def test_main_table_rows_and_most_popular_mark(results, md):
   for key in claims.order(results):
     row = claims.rows_by_key(results)[key]
     ndcg = [s["ndcg@10"] for s in row["test"]]
-    mean, std = np.mean(ndcg), np.std(ndcg)
+    mean, std = np.mean(ndcg), np.std(ndcg, ddof=1)
     line = line_of(md, f"| {key[0]} | {key[1]} | 3 | ")
     assert f"| 3 | {mean:.4f} ± {std:.4f} |" in line
     mark = "—" if key[1] == "most-popular" else "**no**" if key in BELOW_POPULAR else "yes"
@@ -129,7 +129,7 @@ def test_results_csv(results, written):
     for m in claims.METRICS:
       values = [s[m] for s in test]
       assert float(line[f"{m}_mean"]) == pytest.approx(np.mean(values), abs=1e-6)
-      assert float(line[f"{m}_std"]) == pytest.approx(np.std(values), abs=1e-6)
+      assert float(line[f"{m}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-6)
   gains = {(r["backbone"], r["variant"]): r["gain_ndcg@10"] for r in lines}
   plus = mean_ndcg(results, ("sasrec", "backbone+"))
   assert float(gains[("sasrec", "slim")]) == pytest.approx(

@@ -53,6 +53,12 @@ def full_ranking_metrics(scores: jnp.ndarray, targets: jnp.ndarray,
   return metrics_from_rank(rank)
 
 
+def sample_std(values: Sequence[float]) -> float:
+  """The sample standard deviation (ddof=1) of runs such as seeds; 0 for a single run."""
+  values = np.asarray(values, np.float64)
+  return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def mean_std(results: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
   """{metric: {'mean', 'std', 'n'}} over runs (e.g. seeds); std is the sample std (ddof=1),
   0 for a single run. Metrics missing from some runs are summarised over the others."""
@@ -63,6 +69,6 @@ def mean_std(results: Sequence[Mapping[str, float]]) -> dict[str, dict[str, floa
   for k in keys:
     values = np.asarray([float(r[k]) for r in results if k in r], np.float64)
     out[k] = {"mean": float(values.mean()),
-              "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+              "std": sample_std(values),
               "n": int(len(values))}
   return out
