@@ -146,17 +146,25 @@ def _claim_lines(results: dict, claims: list) -> list[str]:
            "a row's seeds, the difference is the mean of the per-user differences, and the "
            "95% interval is a paired bootstrap over users. A claim holds when the interval "
            "excludes 0 on its side, does not hold when it excludes 0 on the other, and is "
-           "inconclusive otherwise. Also in claims.csv.", ""]
+           "inconclusive otherwise. The second interval and verdict also resample each row's "
+           "seeds, so they count the spread between trainings too; a claim that holds over "
+           "users but not over seeds and users rests on the seeds that were drawn. Also in "
+           "claims.csv.", ""]
   if not claims:
     return lines + ["No claim could be tested: the rows it compares were not run."]
-  lines += ["| claim | backbone | users | metric | difference | 95% interval | verdict | note |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines += ["| claim | backbone | users | metric | difference | 95% interval (users) | verdict "
+            "| 95% interval (seeds, users) | verdict (seeds, users) | note |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for c in claims:
-    interval = "n/a" if math.isnan(c.low) else f"[{c.low:+.4f}, {c.high:+.4f}]"
     diff = "n/a" if math.isnan(c.difference) else f"{c.difference:+.4f}"
     lines.append(f"| {c.claim} | {c.backbone} | {c.users} ({count[c.users]}) | {c.metric} | "
-                 f"{diff} | {interval} | {c.verdict} | {c.note} |")
+                 f"{diff} | {_interval(c.low, c.high)} | {c.verdict} | "
+                 f"{_interval(c.seeds_low, c.seeds_high)} | {c.seeds_verdict} | {c.note} |")
   return lines
+
+
+def _interval(low: float, high: float) -> str:
+  return "n/a" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
 
 
 def _bias_lines(results: dict, keys, rows: dict) -> list[str]:

@@ -108,6 +108,34 @@ def test_bootstrap_deterministic_and_subset():
     claims.paired_bootstrap(a, b[:, 1:])
 
 
+def test_two_level_bootstrap_counts_the_spread_between_seeds():
+  rng = np.random.default_rng(3)
+  users = rng.normal(0, 0.2, 400)  # [U]
+  seed_shift = np.array([[-0.06], [0.06], [-0.03], [0.03], [0.0]])  # [S, 1] one per training
+  b = users + 0.01 * rng.normal(size=(5, 400))
+  a = users + 0.01 + seed_shift + 0.01 * rng.normal(size=(5, 400))
+  diff, low, high = claims.paired_bootstrap(a, b)
+  assert diff == pytest.approx(0.01, abs=0.002) and low > 0  # over users: holds
+  seeds_low, seeds_high = claims.two_level_bootstrap(a, b)
+  assert seeds_low < 0 < seeds_high  # another 5 trainings could land either side
+  assert seeds_high - seeds_low > 5 * (high - low)
+
+
+def test_two_level_bootstrap_equals_users_only_when_seeds_agree():
+  rng = np.random.default_rng(4)
+  b = np.repeat(rng.normal(0, 1, (1, 300)), 3, axis=0)  # [3, U], identical seeds
+  a = b + 0.1 + rng.normal(0, 0.5, (1, 300))
+  _, low, high = claims.paired_bootstrap(a, b, samples=4000)
+  seeds_low, seeds_high = claims.two_level_bootstrap(a, b, samples=4000)
+  assert seeds_low == pytest.approx(low, abs=0.01) and seeds_high == pytest.approx(high, abs=0.01)
+  users = np.arange(0, 300, 2)
+  assert claims.two_level_bootstrap(a, b, seed=5, users=users) == \
+      claims.two_level_bootstrap(a, b, seed=5, users=users)
+  assert all(np.isnan(claims.two_level_bootstrap(a, b, users=np.arange(0))))
+  with pytest.raises(ValueError, match="300 users, b has 299"):
+    claims.two_level_bootstrap(a, b[:, 1:])
+
+
 @pytest.mark.parametrize("low, high, margin, expected", [
     (0.01, 0.02, None, "holds"), (-0.02, -0.01, None, "does not hold"),
     (-0.01, 0.02, None, "inconclusive"), (float("nan"), 0.1, None, "inconclusive"),
@@ -204,9 +232,10 @@ def test_step_gate(results, rate, gated):
   assert STEP_CLAIMS <= set(out)
   for name, c in out.items():
     if name in STEP_CLAIMS and gated:
-      assert c.verdict == "not meaningful" and f"{100 * rate:.0f}% < 80%" in c.note
+      assert c.verdict == c.seeds_verdict == "not meaningful"
+      assert f"{100 * rate:.0f}% < 80%" in c.note
     else:
-      assert c.verdict == free[name].verdict, name
+      assert (c.verdict, c.seeds_verdict) == (free[name].verdict, free[name].seeds_verdict)
   assert free["ID-agnostic > Step1"].verdict == "holds"
 
 
@@ -279,10 +308,12 @@ def test_write_csv(tmp_path, results):
   with open(path, newline="", encoding="utf-8") as f:
     lines = list(csv.reader(f))
   assert lines[0] == ["claim", "backbone", "users", "metric", "difference", "low", "high",
-                      "verdict", "note"]
+                      "verdict", "seeds_low", "seeds_high", "seeds_verdict", "note"]
   assert len(lines) == len(out) + 1
   for line, c in zip(lines[1:], out):
     assert line[:4] == [c.claim, c.backbone, c.users, c.metric]
     assert [float(x) for x in line[4:7]] == pytest.approx([c.difference, c.low, c.high],
                                                           abs=1e-6)
-    assert line[7:] == [c.verdict, c.note]
+    assert [float(x) for x in line[8:10]] == pytest.approx([c.seeds_low, c.seeds_high],
+                                                           abs=1e-6)
+    assert [line[7], line[10], line[11]] == [c.verdict, c.seeds_verdict, c.note]

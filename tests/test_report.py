@@ -95,7 +95,8 @@ def test_claims_section(results, md):
                                         "not meaningful"}
   for c in found:
     line = line_of(md, f"| {c.claim} | {c.backbone} | {c.users} (")
-    assert f"| {c.difference:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.verdict} |" in line
+    assert (f"| {c.difference:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.verdict} | "
+            f"[{c.seeds_low:+.4f}, {c.seeds_high:+.4f}] | {c.seeds_verdict} |") in line
 
 
 def test_step_rows_flagged_not_meaningful(md):
