@@ -105,8 +105,8 @@ def _header(results: dict, rows: dict, keys, title: str, command: str) -> list[s
            f"{len(results['teacher_users'])} users with a teacher rationale. Head items: the "
            f"most interacted-with {100 * results['head_share']:g}% of items.", "",
            f"Test metrics, mean ± sample std over {seeds} seed(s); each held-out item ranked "
-           "against 100 sampled negatives. Gain: NDCG@10 of SLIM (or the ID-agnostic model) relative "
-           "to backbone+ (for ID-agnostic: the best backbone+).", ""]
+           "against 100 sampled negatives. Gain: NDCG@10 of SLIM (or the ID-agnostic model) "
+           "relative to backbone+ (for ID-agnostic: the best backbone+).", ""]
   if command:
     lines += ["Command:", "", f"    {command}", ""]
   return lines
