@@ -131,7 +131,8 @@ def _main_table(keys, rows: dict, stats: dict, rationale_stats: dict | None) -> 
     lines += ["", "beats most-popular: **no** marks a row whose mean NDCG@10 is not above "
               "the most-popular baseline's."]
   student = (rationale_stats or {}).get("student")
-  if student is not None and student["parse_rate"] < claims_lib.PARSE_GATE:
+  has_steps = any(key[1] in claims_lib.STEPS for key in keys)
+  if has_steps and student is not None and student["parse_rate"] < claims_lib.PARSE_GATE:
     lines += ["", f"The agnostic-step rows are **not meaningful**: only "
               f"{100 * student['parse_rate']:.0f}% of student rationales parse into steps "
               f"(below {100 * claims_lib.PARSE_GATE:.0f}%)."]

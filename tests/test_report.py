@@ -103,6 +103,14 @@ def test_step_rows_flagged_not_meaningful(md):
   assert "The agnostic-step rows are **not meaningful**: only 50% of student rationales" in md
 
 
+def test_no_step_note_without_step_rows(results, tmp_path):
+  without = {**results, "rows": [r for r in results["rows"]
+                                 if r["variant"] not in claims.STEPS]}
+  paths = report.write(without, str(tmp_path), rationale_stats=RATIONALE_STATS)
+  with open(paths["md"], encoding="utf-8") as f:
+    assert "agnostic-step rows" not in f.read()
+
+
 def test_rationale_lines(md):
   assert "## Rationales" in md
   assert "| teacher | 200 | 95.0% | 10.0% | 0.0% |" in md
