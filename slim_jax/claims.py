@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,9 +63,9 @@ class Claim:
   low: float
   high: float
   verdict: str  # "holds" | "does not hold" | "inconclusive" | "not meaningful"
-  seeds_low: float = math.nan  # the interval with each row's seeds resampled too
-  seeds_high: float = math.nan
-  seeds_verdict: str = "inconclusive"
+  seeds_low: float  # the interval with each row's seeds resampled too
+  seeds_high: float
+  seeds_verdict: str
   note: str = ""
 
 
@@ -147,26 +148,41 @@ def subset_mean(results: dict, row: dict, metric: str, users: str = "all") -> np
 # ----------------------------------------------------------------------------- statistics
 
 
+def _paired_columns(a, b, users: np.ndarray | None, name: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """a [S_a, U'] and b [S_b, U'] in float64, the `users` columns (all when None)."""
+  a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"{name}: a has {a.shape[1]} users, b has {b.shape[1]}")
+  if users is not None:
+    a, b = a[:, np.asarray(users, np.int64)], b[:, np.asarray(users, np.int64)]
+  return a, b
+
+
+def _percentile_interval(replicates: Callable[[int], np.ndarray], samples: int,
+                         chunk: int) -> tuple[float, float]:
+  """(2.5th, 97.5th percentile) of `samples` replicate means, `replicates(k)` -> [k] drawn
+  at most `chunk` at a time (bounds the index blocks)."""
+  means = np.concatenate([replicates(min(chunk, samples - start))
+                          for start in range(0, samples, chunk)])  # [samples]
+  low, high = np.percentile(means, [2.5, 97.5])
+  return float(low), float(high)
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, samples: int = 2000, seed: int = 0,
                      users: np.ndarray | None = None) -> tuple[float, float, float]:
   """(mean of d, 2.5th, 97.5th percentile of the resampled mean of d) for a [S_a, U] and
   b [S_b, U]: d_u = a's mean over seeds minus b's for user u; `users` [U'] picks columns.
   Deterministic for a seed; NaNs when no user is left."""
-  a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
-  if a.shape[1] != b.shape[1]:
-    raise ValueError(f"paired_bootstrap: a has {a.shape[1]} users, b has {b.shape[1]}")
-  d = a.mean(0) - b.mean(0)  # [U]
-  if users is not None:
-    d = d[np.asarray(users, np.int64)]
+  a, b = _paired_columns(a, b, users, "paired_bootstrap")
+  d = a.mean(0) - b.mean(0)  # [U']
   n = len(d)
   if n == 0:
     return math.nan, math.nan, math.nan
   rng = np.random.default_rng(seed)
-  chunk = max(1, min(samples, 4_000_000 // n))  # bounds the [chunk, n] index block
-  means = np.concatenate([d[rng.integers(0, n, size=(min(chunk, samples - start), n))].mean(1)
-                          for start in range(0, samples, chunk)])  # [samples]
-  low, high = np.percentile(means, [2.5, 97.5])
-  return float(d.mean()), float(low), float(high)
+  low, high = _percentile_interval(lambda k: d[rng.integers(0, n, size=(k, n))].mean(1),
+                                   samples, max(1, min(samples, 4_000_000 // n)))
+  return float(d.mean()), low, high
 
 
 def two_level_bootstrap(a: np.ndarray, b: np.ndarray, *, samples: int = 2000, seed: int = 0,
@@ -175,25 +191,19 @@ def two_level_bootstrap(a: np.ndarray, b: np.ndarray, *, samples: int = 2000, se
   b's seeds [S_b] and the users [U'], all with replacement; d_u = a's mean over its drawn
   seeds minus b's for user u (the same drawn users on both sides: still paired). NaNs when
   no user is left. Deterministic for a seed."""
-  a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
-  if a.shape[1] != b.shape[1]:
-    raise ValueError(f"two_level_bootstrap: a has {a.shape[1]} users, b has {b.shape[1]}")
-  if users is not None:
-    a, b = a[:, np.asarray(users, np.int64)], b[:, np.asarray(users, np.int64)]
+  a, b = _paired_columns(a, b, users, "two_level_bootstrap")
   n = a.shape[1]
   if n == 0:
     return math.nan, math.nan
   rng = np.random.default_rng(seed)
-  chunk = max(1, min(samples, 2_000_000 // (n * max(len(a), len(b)))))
-  means = []
-  for start in range(0, samples, chunk):
-    k = min(chunk, samples - start)
+
+  def replicates(k: int) -> np.ndarray:
     d = (a[rng.integers(0, len(a), size=(k, len(a)))].mean(1)
          - b[rng.integers(0, len(b), size=(k, len(b)))].mean(1))  # [k, U']
-    drawn = rng.integers(0, n, size=(k, n))  # [k, U']
-    means.append(np.take_along_axis(d, drawn, axis=1).mean(1))  # [k]
-  low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
-  return float(low), float(high)
+    return np.take_along_axis(d, rng.integers(0, n, size=(k, n)), axis=1).mean(1)  # [k]
+
+  return _percentile_interval(replicates, samples,
+                              max(1, min(samples, 2_000_000 // (n * max(len(a), len(b))))))
 
 
 def verdict(low: float, high: float, margin: float | None = None) -> str:
