@@ -32,6 +32,38 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(convert, tree)
 
 
+def _mismatch_error(where: str, what: str) -> str:
+  return (f"checkpoint {where} does not match the model it is restored into ({what}); was "
+          "it written with other sizes or another model? Use a fresh --workdir or the same "
+          "flags")
+
+
+def _mismatch(saved_metadata: Any, target: Any) -> str | None:
+  """What differs between a saved tree (its orbax metadata) and `target`, checked before
+  any array is read: orbax abandons the other arrays' reads when one fails, and those
+  reads then fail in its background thread. None when the names and shapes agree (a dtype
+  may differ: restore casts)."""
+  tree = getattr(saved_metadata, "tree", None)
+  if tree is None:  # written without readable metadata: let the restore itself decide
+    return None
+  saved = {k: v for k, v in ocp.tree.to_flat_dict(tree).items() if hasattr(v, "shape")}
+  wanted = {k: v for k, v in ocp.tree.to_flat_dict(ocp.tree.serialize_tree(
+      abstract_like(target), keep_empty_nodes=True)).items() if hasattr(v, "shape")}
+  name = "/".join
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  if missing or extra:
+    parts = [f"{label} {', '.join(name(k) for k in keys[:3])}"
+             + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+             for label, keys in (("the checkpoint lacks", missing),
+                                 ("the model lacks", extra)) if keys]
+    return "; ".join(parts)
+  for key in sorted(wanted):
+    if tuple(saved[key].shape) != tuple(wanted[key].shape):
+      return (f"{name(key)} has shape {tuple(saved[key].shape)} in the checkpoint and "
+              f"{tuple(wanted[key].shape)} in the model")
+  return None
+
+
 class Checkpointer:
   """Saves and restores (pytree, metadata) per step in `directory`."""
 
@@ -48,8 +80,15 @@ class Checkpointer:
         best_mode=best_mode,
         create=True,
         enable_async_checkpointing=asynchronous)
+    # Handlers named per item, so a manager opened on an existing folder reads the saved
+    # tree's metadata (restore checks it against the target before reading any array).
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add("metadata", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add("metadata", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "metadata"))
+                                          handler_registry=registry)
 
   def save(self, step: int, pytree: Any, metadata: dict | None = None,
            metrics: dict | None = None) -> None:
@@ -91,14 +130,16 @@ class Checkpointer:
       raise FileNotFoundError(
           f"no checkpoint {step!r} in {self.directory} (steps there: {available or 'none'}); "
           "train first or point the flag at the right --workdir")
+    if target is not None:
+      mismatch = _mismatch(self._manager.metadata(resolved).item_metadata["state"], target)
+      if mismatch:
+        raise ValueError(_mismatch_error(f"{self.directory}/{resolved}", mismatch))
     try:
       restored = self._manager.restore(resolved, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_like(target)),
           metadata=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"checkpoint {self.directory}/{resolved} does not match the model it "
-                       f"is restored into ({e}); was it written with other sizes or another "
-                       "model? Use a fresh --workdir or the same flags") from e
+      raise ValueError(_mismatch_error(f"{self.directory}/{resolved}", str(e))) from e
     return restored.state, dict(restored.metadata or {})
 
   def close(self) -> None:

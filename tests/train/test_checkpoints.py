@@ -1,6 +1,7 @@
 """The orbax wrapper: save/restore round trip, best/latest, keep N, sharded restore, errors."""
 
 import gc
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +53,37 @@ def test_restore_onto_sharded_abstract_target(tmp_path):
   assert len(restored["w"].addressable_shards) == 8
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_clear_errors(tmp_path):
   with Checkpointer(str(tmp_path / "empty")) as ck:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
       ck.restore(_tree(0.0))
     ck.save(0, _tree(1.0))
-    with pytest.raises(ValueError, match="does not match"):
-      ck.restore({"w": jnp.zeros((5, 4)), "b": {"c": jnp.zeros(3)}})
-    # orbax abandons the reads of the other arrays when one fails; their coroutines raise
-    # GeneratorExit when collected. Collect them here, so the warning lands on this test
-    # (filtered above) instead of whichever test happens to run the garbage collector.
-    gc.collect()
+
+
+@pytest.mark.parametrize("target, names", [
+    ({"w": jnp.zeros((5, 4)), "b": {"c": jnp.zeros(3)}},
+     r"w has shape \(8, 4\) in the checkpoint and \(5, 4\) in the model"),
+    ({"w": jnp.zeros((8, 4))}, "the model lacks b/c"),
+    ({**_tree(0.0), "extra": jnp.zeros(2)}, "the checkpoint lacks extra"),
+])
+def test_a_mismatched_target_is_refused_before_any_read(tmp_path, monkeypatch, target, names):
+  with Checkpointer(str(tmp_path / "ck")) as ck:
+    ck.save(0, _tree(1.0))
+  # orbax abandons the other arrays' reads when one fails, and those reads then fail in its
+  # background thread (unraisable exceptions that used to land on later tests).
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  with Checkpointer(str(tmp_path / "ck")) as ck:  # a fresh manager, as on resume
+    with pytest.raises(ValueError, match=f"does not match.*{names}"):
+      ck.restore(target)
+    restored, _ = ck.restore(_tree(0.0))  # the right target still restores
+  gc.collect()
+  assert not unraisable
+  np.testing.assert_array_equal(restored["w"], np.full((8, 4), 1.0))
+
+
+def test_a_dtype_change_is_a_cast_not_a_mismatch(tmp_path):
+  with Checkpointer(str(tmp_path / "ck")) as ck:
+    ck.save(0, _tree(1.0))
+    restored, _ = ck.restore({"w": jnp.zeros((8, 4), jnp.bfloat16), "b": {"c": jnp.zeros(3)}})
+  assert restored["w"].dtype == jnp.bfloat16
