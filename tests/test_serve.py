@@ -301,6 +301,36 @@ def test_teacher_rationales_end_to_end_through_the_openai_client(llama_server, t
   assert (again.requests, again.users_skipped) == (0, 6)
 
 
+def test_a_seeded_sampled_answer_does_not_depend_on_its_batch(llama_server):
+  """What makes run_slim's teacher stage reproducible: a seeded, sampled answer is the same
+  whether its request was batched alone or with others of other lengths (other padding,
+  another shared prefix), so neither the sampling keys nor the float32 numerics depend on
+  the batch. (With SmolLM2 in bfloat16 they do: see --teacher_dtype.)"""
+  server = llama_server
+  client = client_for(server, timeout=300)
+  questions = ["Which games does a Zelda fan like?", "history: Mario, Kirby",
+               "A user watched Heat, Ronin and The Insider, in that order. What next?",
+               "Name one film.", "Recommend a board game for two players who like trains."]
+
+  def ask(question):
+    out = client.chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": question}],
+        max_tokens=16, temperature=1.0, top_p=0.95, seed=7)
+    return out.choices[0].message.content
+
+  alone = [ask(q) for q in questions]
+  batches_before = server.batcher.batches
+  threads, together = [], [None] * len(questions)
+  for i, question in enumerate(questions):
+    threads.append(threading.Thread(target=lambda i=i, q=question: together.__setitem__(
+        i, ask(q))))
+    threads[-1].start()
+  for thread in threads:
+    thread.join()
+  assert server.batcher.batches - batches_before < len(questions)  # they shared batches
+  assert together == alone
+
+
 def test_cli_with_an_adapter_serves_then_stops_gracefully_on_sigterm(
     tiny_llama_dir, llama_server, tmp_path):
   import jax
