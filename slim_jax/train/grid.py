@@ -7,7 +7,8 @@ once, backbone 'none'), trains the seeds not yet done together (slim_jax/train/
 seed_stack.py: one program steps every seed, each as slim_jax/train/loop.py would alone)
 and writes `<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each
 result records the fingerprint it was trained under (`default_fingerprint`: the spec's
-training settings, `TRAINING_VERSION`, the prepared data and the embeddings); a seed whose
+training settings, `TRAINING_VERSION` and for ID-agnostic cells `ID_AGNOSTIC_VERSION`,
+the prepared data and the embeddings); a seed whose
 result carries the current fingerprint is never retrained, one made under another is
 deleted, checkpoints included, and trained again. Cells and seeds outside the spec are left
 as they are, so a grid can be trained in pieces on one workdir and reported whole. Each
@@ -136,21 +137,27 @@ def cells(spec: GridSpec) -> list[tuple[str, str]]:
 # results trained before it are trained again instead of being mixed with newer ones.
 TRAINING_VERSION = 3  # 2: dropout masks from packed random bits (slim_jax/models/layers.py);
 # 3: SR-GNN readout sums attention weights per state (float rounding)
+# Bumped when a change to the ID-agnostic model changes its seeds' numbers: only the
+# ID-agnostic cells train again, the ID-based cells keep their fingerprints.
+ID_AGNOSTIC_VERSION = 2  # 2: scores <s, z> / sqrt(D) (slim_jax/recommenders/slim.py)
 # Which cells and seeds a run asks for: not part of any seed's fingerprint, so a grid run
 # in pieces (--backbones, --variants, --seeds on one workdir) keeps every piece's seeds.
 _SELECTION_FIELDS = ("backbones", "variants", "seeds")
 
 
-def default_fingerprint(workdir: str, spec: GridSpec) -> str:
-  """What a seed's result depends on: the training settings of the spec (not which cells
-  and seeds it selects), the training code's version, the prepared data, the embeddings."""
+def default_fingerprint(workdir: str, spec: GridSpec, variant: str = "") -> str:
+  """What a seed's result of `variant` depends on: the training settings of the spec (not
+  which cells and seeds it selects), the training code's version (and the ID-agnostic
+  model's, for its variants), the prepared data, the embeddings."""
   layout = layout_lib.RunLayout(workdir)
   vectors = sorted(glob.glob(layout.vectors("*")))  # not the folder: it holds an XLA cache
   inputs = {os.path.relpath(path, workdir): io.hash_path(path)
             for path in [layout.data, layout.embeddings_manifest, *vectors]}
   settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _SELECTION_FIELDS}
-  return io.fingerprint({"spec": settings, "training_version": TRAINING_VERSION,
-                         "inputs": inputs})
+  parts = {"spec": settings, "training_version": TRAINING_VERSION, "inputs": inputs}
+  if slim.is_id_agnostic(variant):
+    parts["id_agnostic_version"] = ID_AGNOSTIC_VERSION
+  return io.fingerprint(parts)
 
 
 def _reusable_result(run_dir: str, fingerprint: str) -> dict | None:
@@ -216,7 +223,6 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
                retrain: bool = False) -> dict:
   """Trains every cell and seed of `spec` not yet done (with `retrain`, every one of them
   again); writes and returns the results dict."""
-  fingerprint = default_fingerprint(workdir, spec)
   data = load_data(workdir)
   negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
   test = sequences.eval_set(data, "test", negatives, spec.max_len)
@@ -225,6 +231,7 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
   cold = analysis.cold_users(data, full_counts, spec.cold_max_count)
   rows = []
   for backbone, variant in cells(spec):
+    fingerprint = default_fingerprint(workdir, spec, variant)
     model = make_model(workdir, spec, data, backbone, variant)
     row = {"backbone": backbone, "variant": variant, "seeds": list(spec.seeds), "test": [],
            "per_user": [], "best_epoch": [], "epochs_run": [], "history": [],

@@ -105,6 +105,30 @@ def test_bad_inputs_are_rejected():
     slim.make_model("backbone+", "sasrec", num_items=V + 3, item_text=items)
 
 
+def test_id_agnostic_scores_start_below_sqrt_d():
+  """At initialisation the ID-agnostic model's scores are at most about sqrt(D), not D.
+  Both sides leave a LayerNorm (norm sqrt(D)), and item texts that share a common component
+  (MiniLM's MovieLens item vectors: mean cosine 0.43) point every item the same way, so the
+  plain product <s, z> started near D for every pair: about 38 at D = 64 on MovieLens-100k,
+  a first-epoch BCE loss of 12 and 90-184 epochs to converge. Scaled by 1/sqrt(D), the
+  same cell converged sooner and higher (docs/results/grid_speed.md)."""
+  rng = np.random.default_rng(0)
+  hidden, dim = 64, 48
+  common = rng.normal(size=dim)
+  items = (common + rng.normal(size=(V + 1, dim))).astype(np.float32)  # mean cosine ~0.5
+  items[0] = 0
+  model = slim.make_model("agnostic", "sasrec", num_items=V, item_text=items,
+                          rationales=table(U, dim, rng), max_len=L, hidden_size=hidden,
+                          dropout=0.0)
+  inputs = jnp.asarray(rng.integers(1, V + 1, (U, L)), jnp.int32)
+  users = jnp.arange(U)
+  params = model.init(jax.random.PRNGKey(0), inputs, users, all_positions=True)["params"]
+  reps = model.apply({"params": params}, inputs, users, all_positions=True)
+  scores = jnp.einsum("bld,vd->blv", reps.sequence, reps.items[1:])  # [U, L, V]
+  # Unscaled, this case gives about 40; scaled, about sqrt(D) times the cosine.
+  assert float(jnp.mean(jnp.abs(scores))) < hidden ** 0.5
+
+
 @pytest.mark.parametrize("variant,backbone", [
     ("slim", "gru4rec"), pytest.param("agnostic", "sasrec", marks=pytest.mark.slow)])
 def test_fused_model_learns_planted_structure(tmp_path, variant, backbone):
