@@ -72,14 +72,16 @@ class TruncationReport:
 
 
 def read_teacher_jsonl(path: str) -> list[dict]:
-  """The teacher stage's records (`slim_jax.teacher.rationales.read`); none is an error."""
+  """The teacher stage's records (`slim_jax.teacher.rationales.read`) in user order; none is
+  an error. The teacher stage appends records as its requests finish, so the file's order
+  changes from run to run; the held-out split and the batches must not."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: run the teacher stage "
                             "(experiments/teacher.py) with this --workdir first")
   records = rationales.read(path)
   if not records:
     raise ValueError(f"{path}: no records; run the teacher stage first")
-  return records
+  return sorted(records, key=lambda record: record["user_id"])
 
 
 def build_examples(records: Sequence[dict], tokenizer, max_length: int,

@@ -108,6 +108,20 @@ def test_split_heldout_is_disjoint_and_seeded(tokenizer, records):
   assert [e.user_id for e in held] == [e.user_id for e in rx.split_heldout(examples, 0.2, 1)[1]]
 
 
+def test_the_held_out_split_does_not_depend_on_the_teacher_file_order(tmp_path, tokenizer):
+  """The teacher stage appends records as its requests finish, so two runs write the same
+  records in other orders; distillation must hold out the same users either way."""
+  lines = open(FIXTURE).readlines()[:12]
+  splits = []
+  for seed in (0, 1):
+    shuffled = [lines[i] for i in np.random.default_rng(seed).permutation(len(lines))]
+    path = tmp_path / f"teacher_{seed}.jsonl"
+    path.write_text("".join(shuffled))
+    examples, _ = rx.build_examples(rx.read_teacher_jsonl(str(path)), tokenizer, 1024)
+    splits.append([[e.user_id for e in part] for part in rx.split_heldout(examples, 0.25)])
+  assert splits[0] == splits[1]
+
+
 def test_malformed_teacher_file_names_the_line(tmp_path):
   path = tmp_path / "teacher.jsonl"
   path.write_text(open(FIXTURE).readline() + "{not json\n" + open(FIXTURE).readline())
