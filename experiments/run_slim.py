@@ -122,6 +122,11 @@ flags.DEFINE_list("force", [], "Stages to recompute from scratch, with every sta
                   "of them (prepare, teacher, distill, generate, encode, recommend, report).")
 flags.DEFINE_enum("stop_after", None, list(STAGE_NAMES), "Run the stages up to this one and "
                   "stop (e.g. encode: the LLM stages now, the recommenders later).")
+flags.DEFINE_enum("start_at", None, list(STAGE_NAMES), "Start at this stage and neither run "
+                  "nor check the ones before it: their outputs in the workdir are used as they "
+                  "are (e.g. encode on a restored workdir whose LoRA adapter was not kept, to "
+                  "train the recommenders on its committed rationales). From it on, every "
+                  "stage is checked and skipped or recomputed as usual.")
 FLAGS = flags.FLAGS
 
 
@@ -225,6 +230,10 @@ def main(argv):
   bad = [f for f in force if f not in STAGE_NAMES]
   if bad:
     raise app.UsageError(f"--force: unknown stage(s) {bad}; choose from {list(STAGE_NAMES)}")
+  if (FLAGS.start_at and FLAGS.stop_after
+      and STAGE_NAMES.index(FLAGS.start_at) > STAGE_NAMES.index(FLAGS.stop_after)):
+    raise app.UsageError(f"--start_at={FLAGS.start_at} comes after "
+                         f"--stop_after={FLAGS.stop_after}: no stage would run")
   if FLAGS.data_dir is not None and not os.path.isdir(FLAGS.data_dir):
     raise app.UsageError(f"--data_dir={FLAGS.data_dir} is not a folder; download the data "
                          "there or drop the flag to use the embedded default")
@@ -420,7 +429,12 @@ def main(argv):
   runner = pipeline.Pipeline(w, log=lambda m: print(m, flush=True))
   with exit_stack:
     names = [stage.name for stage in plan]
-    plan = plan[:names.index(FLAGS.stop_after or names[-1]) + 1]  # --stop_after
+    plan = plan[names.index(FLAGS.start_at or names[0]):
+                names.index(FLAGS.stop_after or names[-1]) + 1]  # --start_at, --stop_after
+    missing = [p for p in plan[0].inputs if not os.path.exists(p)]
+    if missing:
+      raise app.UsageError(f"--start_at={FLAGS.start_at}: {w} lacks {', '.join(missing)}, "
+                           "which the stages before it write; run them (drop --start_at)")
     runner.run(plan, force=[f for f in force if f in {stage.name for stage in plan}])
   if FLAGS.stop_after in (None, "report"):
     print(f"report: {os.path.join(report_dir, 'results.md')}")

@@ -48,6 +48,23 @@ def test_stop_after_runs_the_stages_up_to_it_only(tmp_path):
   assert not (work / "rationales").exists()
 
 
+def test_start_at_neither_runs_nor_checks_the_stages_before_it(tmp_path):
+  work = tmp_path / "w"
+  proc = _run(f"--workdir={work}", "--preset=smoke", "--start_at=report",
+              "--stop_after=prepare", timeout=300)
+  assert proc.returncode != 0 and "no stage would run" in proc.stderr + proc.stdout
+  assert not work.exists()
+  assert _run(f"--workdir={work}", "--preset=smoke", "--stop_after=prepare",
+              timeout=300).returncode == 0
+  # The encode stage reads rationales that only the teacher and generate stages write:
+  # starting there names what is missing, and nothing before it ran.
+  proc = _run(f"--workdir={work}", "--preset=smoke", "--start_at=encode", timeout=300)
+  assert proc.returncode != 0
+  assert "--start_at=encode" in proc.stderr and "teacher.jsonl" in proc.stderr
+  assert _statuses(work) == {"prepare": "done"}
+  assert not (work / "rationales").exists()
+
+
 def _users(path) -> list[int]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line)["user_id"] for line in f if line.endswith("\n")]
