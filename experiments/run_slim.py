@@ -431,7 +431,7 @@ def main(argv):
     names = [stage.name for stage in plan]
     plan = plan[names.index(FLAGS.start_at or names[0]):
                 names.index(FLAGS.stop_after or names[-1]) + 1]  # --start_at, --stop_after
-    missing = [p for p in plan[0].inputs if not os.path.exists(p)]
+    missing = [p for p in plan[0].inputs if not os.path.exists(p)] if FLAGS.start_at else []
     if missing:
       raise app.UsageError(f"--start_at={FLAGS.start_at}: {w} lacks {', '.join(missing)}, "
                            "which the stages before it write; run them (drop --start_at)")

@@ -7,8 +7,8 @@ once, backbone 'none'), trains the seeds not yet done together (slim_jax/train/
 seed_stack.py: one program steps every seed, each as slim_jax/train/loop.py would alone)
 and writes `<recommend_dir>/<backbone>/<variant>/seed_<s>/result.json` atomically. Each
 result records the fingerprint it was trained under (`default_fingerprint`: the spec's
-training settings, `TRAINING_VERSION` and for ID-agnostic cells `ID_AGNOSTIC_VERSION`,
-the prepared data and the embeddings); a seed whose
+training settings, `TRAINING_VERSION` and the cell's model's `MODEL_VERSIONS` entry, the
+prepared data and the embeddings); a seed whose
 result carries the current fingerprint is never retrained, one made under another is
 deleted, checkpoints included, and trained again. Cells and seeds outside the spec are left
 as they are, so a grid can be trained in pieces on one workdir and reported whole. Each
@@ -137,27 +137,40 @@ def cells(spec: GridSpec) -> list[tuple[str, str]]:
 # results trained before it are trained again instead of being mixed with newer ones.
 TRAINING_VERSION = 3  # 2: dropout masks from packed random bits (slim_jax/models/layers.py);
 # 3: SR-GNN readout sums attention weights per state (float rounding)
-# Bumped when a change to the ID-agnostic model changes its seeds' numbers: only the
-# ID-agnostic cells train again, the ID-based cells keep their fingerprints.
-ID_AGNOSTIC_VERSION = 2  # 2: scores <s, z> / sqrt(D) (slim_jax/recommenders/slim.py)
+# Bumped per model (a backbone's name, or 'id_agnostic') when a change
+# to that model alone changes its seeds' numbers: only its cells train again. A model not
+# listed is at version 1 and adds nothing to the fingerprint.
+MODEL_VERSIONS = {"id_agnostic": 2}  # 2: scores <s, z> / sqrt(D) (recommenders/slim.py)
 # Which cells and seeds a run asks for: not part of any seed's fingerprint, so a grid run
 # in pieces (--backbones, --variants, --seeds on one workdir) keeps every piece's seeds.
 _SELECTION_FIELDS = ("backbones", "variants", "seeds")
 
 
-def default_fingerprint(workdir: str, spec: GridSpec, variant: str = "") -> str:
-  """What a seed's result of `variant` depends on: the training settings of the spec (not
-  which cells and seeds it selects), the training code's version (and the ID-agnostic
-  model's, for its variants), the prepared data, the embeddings."""
+def model_name(backbone: str, variant: str) -> str:
+  """The model a cell trains: 'id_agnostic' for ID-agnostic variants, else the backbone."""
+  return "id_agnostic" if slim.is_id_agnostic(variant) else backbone
+
+
+def _fingerprint_parts(workdir: str, spec: GridSpec) -> dict:
   layout = layout_lib.RunLayout(workdir)
   vectors = sorted(glob.glob(layout.vectors("*")))  # not the folder: it holds an XLA cache
   inputs = {os.path.relpath(path, workdir): io.hash_path(path)
             for path in [layout.data, layout.embeddings_manifest, *vectors]}
   settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _SELECTION_FIELDS}
-  parts = {"spec": settings, "training_version": TRAINING_VERSION, "inputs": inputs}
-  if slim.is_id_agnostic(variant):
-    parts["id_agnostic_version"] = ID_AGNOSTIC_VERSION
+  return {"spec": settings, "training_version": TRAINING_VERSION, "inputs": inputs}
+
+
+def _cell_fingerprint(parts: dict, model: str) -> str:
+  if model in MODEL_VERSIONS:
+    parts = {**parts, f"{model}_version": MODEL_VERSIONS[model]}
   return io.fingerprint(parts)
+
+
+def default_fingerprint(workdir: str, spec: GridSpec, model: str = "") -> str:
+  """What a seed's result of `model` (`model_name`) depends on: the training settings of
+  the spec (not which cells and seeds it selects), the training code's version and the
+  model's (`MODEL_VERSIONS`), the prepared data, the embeddings."""
+  return _cell_fingerprint(_fingerprint_parts(workdir, spec), model)
 
 
 def _reusable_result(run_dir: str, fingerprint: str) -> dict | None:
@@ -223,6 +236,7 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
                retrain: bool = False) -> dict:
   """Trains every cell and seed of `spec` not yet done (with `retrain`, every one of them
   again); writes and returns the results dict."""
+  fingerprint_parts = _fingerprint_parts(workdir, spec)  # hashed once for every cell
   data = load_data(workdir)
   negatives = sequences.load_negatives(prepare.prepared_dir(workdir))
   test = sequences.eval_set(data, "test", negatives, spec.max_len)
@@ -231,7 +245,7 @@ def train_grid(workdir: str, spec: GridSpec, log: Callable[[str], None] = print,
   cold = analysis.cold_users(data, full_counts, spec.cold_max_count)
   rows = []
   for backbone, variant in cells(spec):
-    fingerprint = default_fingerprint(workdir, spec, variant)
+    fingerprint = _cell_fingerprint(fingerprint_parts, model_name(backbone, variant))
     model = make_model(workdir, spec, data, backbone, variant)
     row = {"backbone": backbone, "variant": variant, "seeds": list(spec.seeds), "test": [],
            "per_user": [], "best_epoch": [], "epochs_run": [], "history": [],

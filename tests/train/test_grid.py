@@ -154,8 +154,7 @@ def test_a_seed_made_under_another_fingerprint_is_trained_again(tmp_path, monkey
   assert json.loads(result.read_text())["fingerprint"] == grid.default_fingerprint(work, spec2)
 
 
-def test_a_new_id_agnostic_version_retrains_only_the_id_agnostic_cells(tmp_path,
-                                                                       monkeypatch):
+def test_a_new_model_version_retrains_only_that_models_cells(tmp_path, monkeypatch):
   work, _ = _workdir(tmp_path)
   spec = _spec(variants=("backbone", "agnostic"), epochs=1)
   grid.train_grid(work, spec, log=lambda _: None)
@@ -163,15 +162,15 @@ def test_a_new_id_agnostic_version_retrains_only_the_id_agnostic_cells(tmp_path,
   real = seed_stack.train_and_evaluate_seeds
   monkeypatch.setattr(seed_stack, "train_and_evaluate_seeds",
                       lambda *a, **k: trained.append(k["name"]) or real(*a, **k))
-  # The ID-based cells' fingerprint is the one they had before the ID-agnostic version
-  # existed, so results already trained keep it.
-  assert grid.default_fingerprint(work, spec, "backbone") == grid.default_fingerprint(work, spec)
-  monkeypatch.setattr(grid, "ID_AGNOSTIC_VERSION", grid.ID_AGNOSTIC_VERSION + 1)
+  # A model without a version entry (GRU4Rec) keeps the fingerprint it had before model
+  # versions existed, so results already trained keep it.
+  assert grid.default_fingerprint(work, spec, "gru4rec") == grid.default_fingerprint(work, spec)
+  monkeypatch.setitem(grid.MODEL_VERSIONS, "id_agnostic", grid.MODEL_VERSIONS["id_agnostic"] + 1)
   grid.train_grid(work, spec, log=lambda _: None)
   assert trained == ["none/agnostic"]
   result = tmp_path / "recommend" / "none" / "agnostic" / "seed_0" / "result.json"
   assert json.loads(result.read_text())["fingerprint"] == grid.default_fingerprint(
-      work, spec, "agnostic")
+      work, spec, grid.model_name("none", "agnostic"))
 
 
 def test_a_grid_trained_in_pieces_keeps_every_piece_and_retrain_starts_over(tmp_path,
