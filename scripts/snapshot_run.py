@@ -15,7 +15,8 @@ run again, and results.json is rebuilt from the seeds' results). The stage manif
 absolute paths: restore the folder at the same path (the repository's runs/), or its
 stages run again. Files already in the destination are overwritten; files the run no
 longer has are removed from it; a destination inside the run (or around it), or a
-non-empty folder that is not an earlier snapshot, is refused.
+non-empty folder that is not an earlier snapshot, is refused, and so is a run that a
+stage is running in (it holds the workdir's lock): its files would change mid-copy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import fnmatch
 import os
 import shutil
 import sys
+
+from slim_jax.pipeline import runner
 
 ALWAYS_LEFT_OUT = ("*.lock", "*.tmp", "pipeline/lock", "pipeline/*.started.json")
 LEFT_OUT = ("cache/*", "embeddings/cache/*", "distill/checkpoints/*",
@@ -57,6 +60,14 @@ def snapshot(source: str, destination: str) -> list[str]:
     raise SystemExit(f"{destination} is not empty and holds no earlier snapshot (no "
                      "pipeline/prepare.json); nothing was written: pass an empty or new "
                      "folder")
+  try:
+    with runner.workdir_lock(source):  # a stage running would change files mid-copy
+      return _mirror(source, destination)
+  except runner.WorkdirLocked as e:
+    raise SystemExit(f"{e}; nothing was written to {destination}") from None
+
+
+def _mirror(source: str, destination: str) -> list[str]:
   copied = []
   for folder, _, files in os.walk(source):
     for name in files:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from slim_jax.pipeline import runner
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import snapshot_run  # noqa: E402  pylint: disable=wrong-import-position
@@ -60,3 +62,16 @@ def test_destinations_that_would_lose_files_are_refused(tmp_path):
   with pytest.raises(SystemExit, match="not empty"):
     snapshot_run.snapshot(str(run), str(tmp_path / "results"))
   assert (tmp_path / "results" / "README.md").read_text() == "the report"
+
+
+def test_a_run_that_a_stage_is_running_in_is_refused(tmp_path):
+  """A snapshot taken while the next piece of a grid ran held a half-cleared state (a
+  cell's stale seeds deleted, its new ones not yet written)."""
+  run, out = tmp_path / "run", tmp_path / "out"
+  for relative in KEPT:
+    _write(run, relative)
+  with runner.workdir_lock(str(run)):
+    with pytest.raises(SystemExit, match="in use by another run.*nothing was written"):
+      snapshot_run.snapshot(str(run), str(out))
+  assert not out.exists()
+  assert sorted(snapshot_run.snapshot(str(run), str(out))) == sorted(KEPT)  # lock released
