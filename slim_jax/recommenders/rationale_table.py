@@ -10,12 +10,14 @@ none. A missing rationale (the teacher wrote none for the user) has cutoff NEVER
 
   table = RationaleTable.from_kinds([(vectors [U, Dt], present [U], cutoffs [U]), ...])
   visible(table, users [B], lengths [B, L]) -> [B, L, K] bool
-  read(table, users, lengths, null [Dt])    -> [B, L, Dt]
+  read(table, users, lengths, null [Dt])    -> [B, L, Dt]  (project=: [B, L, D])
 
 Letters: U users, K rationales per user, B batch, L positions, Dt text vector size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -109,14 +111,21 @@ def visible(table: RationaleTable, users: jnp.ndarray, lengths: jnp.ndarray) -> 
 
 
 def read(table: RationaleTable, users: jnp.ndarray, lengths: jnp.ndarray,
-         null: jnp.ndarray) -> jnp.ndarray:
-  """users [B], lengths [B, L], null [Dt] -> [B, L, Dt]: the latest visible rationale."""
+         null: jnp.ndarray, project: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+         ) -> jnp.ndarray:
+  """users [B], lengths [B, L], null [Dt] -> [B, L, Dt]: the latest visible rationale.
+
+  project: a map of text vectors [..., Dt] -> [..., D] applied to the user's K vectors and
+  the null vector before choosing (-> [B, L, D]): what projecting the chosen [B, L, Dt]
+  gives, for the price of K rows per user instead of L."""
   if users is None:
     raise ValueError("this model reads a rationale per user: pass `users` [B]")
   vectors = jnp.take(jnp.asarray(table.vectors), users, axis=0)  # [B, K, Dt]
+  if project is not None:
+    vectors, null = project(vectors), project(null)  # [B, K, D], [D]
   seen = visible(table, users, lengths)  # [B, L, K]
   k = vectors.shape[1]
   latest = jnp.max(jnp.where(seen, jnp.arange(k), -1), axis=-1)  # [B, L], -1: none
   pick = (jnp.arange(k) == latest[..., None]).astype(vectors.dtype)  # [B, L, K] one-hot
-  chosen = jnp.einsum("blk,bkd->bld", pick, vectors)  # [B, L, Dt]
+  chosen = jnp.einsum("blk,bkd->bld", pick, vectors)  # [B, L, Dt or D]
   return jnp.where((latest >= 0)[..., None], chosen, null.astype(chosen.dtype))

@@ -99,11 +99,12 @@ class SlimIDBased(nn.Module):
       return Representations(sequence=seq, items=items)
     lengths = rationale_table.prefix_lengths(inputs, lengths)  # [B, L]
     null = _null_vector(self, item_text.shape[-1])  # [Dt]
+    # g_l projects each user's K rationale vectors, not the [B, L, Dt] vectors read.
     if all_positions:
-      text = rationale_table.read(self.rationales, users, lengths, null)  # [B, L, Dt]
+      text = rationale_table.read(self.rationales, users, lengths, null, g_l)  # [B, L, D]
     else:
-      text = rationale_table.read(self.rationales, users, lengths[:, -1:], null)[:, 0]
-    sequence = g_f(jnp.concatenate([g_l(text), seq], -1))
+      text = rationale_table.read(self.rationales, users, lengths[:, -1:], null, g_l)[:, 0]
+    sequence = g_f(jnp.concatenate([text, seq], -1))
     return Representations(sequence=sequence, items=items)
 
 
@@ -154,10 +155,16 @@ class SlimIDAgnostic(nn.Module):
   def _kind(self, k: int) -> jnp.ndarray:
     return self.kind(jnp.full((), k, jnp.int32))  # [D]
 
-  def item_table(self, deterministic: bool = True) -> jnp.ndarray:
-    """[V+1, D] item vectors from text only (any row, seen in training or not)."""
-    text = jnp.asarray(self.item_text.array)  # [V+1, Dt]
-    x = (self.g_p(text) + self._kind(1))[:, None]  # [V+1, 1, D]
+  def projected_items(self) -> jnp.ndarray:
+    """[V+1, D] g_p of every item's text vector."""
+    return self.g_p(jnp.asarray(self.item_text.array))
+
+  def item_table(self, deterministic: bool = True,
+                 projected: jnp.ndarray | None = None) -> jnp.ndarray:
+    """[V+1, D] item vectors from text only (any row, seen in training or not); `projected`:
+    `projected_items()` when the caller already has it."""
+    projected = self.projected_items() if projected is None else projected
+    x = (projected + self._kind(1))[:, None]  # [V+1, 1, D]
     bias = jnp.zeros((1, 1, 1, 1), x.dtype)
     return masked_item_table(self._run(x, bias, deterministic)[:, 0])
 
@@ -168,10 +175,13 @@ class SlimIDAgnostic(nn.Module):
     if l > self.config.max_len:
       raise ValueError(f"ID-agnostic SLIM: sequences of length {l} exceed max_len "
                        f"{self.config.max_len}")
-    item_text = jnp.asarray(self.item_text.array)
     mask = padding_mask(inputs)  # [B, L]
     positions = jnp.cumsum(mask, axis=1) * mask  # [B, L]: 1 = oldest item, 0 = padding
-    history = (self.g_p(jnp.take(item_text, inputs, axis=0)) + self._kind(1)
+    # g_p is linear, so it projects the table once and the history reads rows of it: the
+    # same vectors as projecting each gathered text, without the [B, L, Dt] gather and
+    # its [B*L, Dt] x [Dt, D] products (Dt = 384 for MiniLM) in every step.
+    projected = self.projected_items()  # [V+1, D]
+    history = (jnp.take(projected, inputs, axis=0) + self._kind(1)
                + self.position(positions))  # [B, L, D]
     front = [jnp.broadcast_to(self._kind(2) + self.position(jnp.zeros((), jnp.int32)),
                               (b, 1, history.shape[-1]))]  # [B, 1, D] the null token
@@ -204,7 +214,7 @@ class SlimIDAgnostic(nn.Module):
     # 90-184 epochs to converge. Scaled, the same cell reached a higher test NDCG@10 in
     # fewer epochs (docs/results/grid_speed.md).
     sequence = sequence * self.config.hidden_size ** -0.5
-    return Representations(sequence=sequence, items=self.item_table(deterministic))
+    return Representations(sequence=sequence, items=self.item_table(deterministic, projected))
 
 
 # ----------------------------------------------------------------------------- variants

@@ -33,6 +33,18 @@ def test_each_position_reads_the_latest_rationale_it_may_see():
   np.testing.assert_array_equal(out[1], expected1)
 
 
+def test_a_projected_read_equals_projecting_what_was_read():
+  table = _table()
+  null = jnp.asarray([-5.0, 0.5])
+  w, b = jnp.asarray([[0.3, -1.0, 2.0], [1.5, 0.25, -0.5]]), jnp.asarray([0.1, 0.2, -0.3])
+  project = lambda x: x @ w + b  # noqa: E731  an affine map, like g_l
+  users, lengths = jnp.asarray([0, 1]), jnp.asarray([[0, 1, 2, 3, 4, 5, 6, 7]] * 2, jnp.int32)
+  projected = rationale_table.read(table, users, lengths, null, project)  # [2, 8, 3]
+  np.testing.assert_allclose(np.asarray(projected),
+                             np.asarray(project(rationale_table.read(table, users, lengths,
+                                                                     null))), rtol=1e-6)
+
+
 def test_padding_sees_nothing():
   table = RationaleTable.from_kinds([(np.ones((1, 2)), np.asarray([True]), np.asarray([1]))])
   seen = rationale_table.visible(table, jnp.asarray([0]), jnp.asarray([[0, 0, 1]]))
