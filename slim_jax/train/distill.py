@@ -114,10 +114,12 @@ def token_nll(model: nn.Module, base: Any, adapter: Any, batch: dict, *,
   hidden = model.apply(variables, ids, return_hidden=True, **kw)  # [B, T, D]
   cfg = model.config
   if cfg.tie_word_embeddings:  # the embedding [V, D] is the head
-    return token_loss.chunked_nll(hidden, base["embed_tokens"]["embedding"].T, targets, mask,
-                                  jnp.dtype(cfg.dtype))
-  return token_loss.chunked_nll(hidden, base["lm_head"]["kernel"], targets, mask,
-                                jnp.dtype(cfg.dtype))
+    head = base["embed_tokens"]["embedding"].T
+  else:
+    head = base["lm_head"]["kernel"]
+  # The head is a base weight, frozen: only the adapter trains.
+  return token_loss.chunked_nll(hidden, head, targets, mask, jnp.dtype(cfg.dtype),
+                                frozen_head=True)
 
 
 class Distiller:
