@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from slim_jax.models import attention
 from slim_jax.models.layers import Linear, matmul
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, K, S, H]
@@ -338,16 +339,17 @@ class Attention(_Block):
     key = key.astype(q.dtype)
     if t > 1:  # a product with many query rows runs in q's dtype; one row reads the cache
       value = value.astype(q.dtype)
-    if cache is None and t > QUERY_CHUNK:
-      # Training and scoring: causal attention in query chunks, each against the keys up to
-      # its last position only, so the masked upper triangle is mostly never computed (at
-      # T = 512 and chunks of 128, 62% of the full score matrix).
+    if cache is None:
+      # Training and scoring (slim_jax/models/attention.py, its backward written out):
+      # causal attention in query chunks, each against the keys up to its last position
+      # only, so the masked upper triangle is mostly never computed (at T = 512 and chunks
+      # of 128, 62% of the full score matrix).
       outs = []
       for lo in range(0, t, QUERY_CHUNK):
         hi = min(lo + QUERY_CHUNK, t)
-        outs.append(_attend(q[:, :, :, lo:hi], key[:, :, :hi], value[:, :, :hi],
-                            allowed[:, lo:hi, :hi]))
-      out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
+        outs.append(attention.attend(q[:, :, :, lo:hi], key[:, :, :hi], value[:, :, :hi],
+                                     allowed[:, lo:hi, :hi]))
+      out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
     else:
       out = _attend(q, key, value, allowed, prefix)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
