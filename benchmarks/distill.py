@@ -12,8 +12,12 @@ on q, k, v, o, AdamW, a full-length causal-LM loss, batch 4 of sequence 512 (`--
             PyTorch recipe.
 
 The first row compares each side's fastest recipe on this CPU (ours bf16, PEFT float32 as
-it ships), the next two like for like. After warm-up the four steps alternate; the table
-shows the median of the repeats. Model FLOP utilisation (MFU) counts the FLOPs a LoRA step
+it ships), the next two like for like. Each framework runs in its own worker process
+(benchmarks/_worker.py) with its two precisions, so torch's and XLA's thread pools do not
+share a process (in one process, at sequence 512 on 2026-12-06: ours bf16 6.5-7.2 s a
+step, PEFT float32 9.5-10.4 s; in two, the same day: 6.1-6.8 s and 9.3-9.6 s, the ratio
+1.43x both ways). After warm-up the four steps alternate; the table shows the median of
+the repeats. Model FLOP utilisation (MFU) counts the FLOPs a LoRA step
 needs (forward 2N + input gradients 2N per token for the N matmul weights, plus attention
 scores; frozen weights need no weight gradients) against a matmul of the same precision
 measured on this machine in the same run.
@@ -27,13 +31,17 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+
+import _worker  # noqa: E402  pylint: disable=wrong-import-position
 
 from slim_jax import assets, io
 from slim_jax.convert import pretrained
@@ -132,6 +140,36 @@ def timed(fn) -> float:
   return time.perf_counter() - t
 
 
+def _serve(framework: str, batch_size: int, seq: int) -> None:
+  """A worker holding one framework's two sides (float32, bfloat16)."""
+  spec = lora_lib.LoraSpec(rank=8, alpha=16.0, dropout=0.0)
+  if framework == "ours":
+    cfg, params, _ = pretrained.load_llama(gguf_path())
+    cfg16, params16, _ = pretrained.load_llama(gguf_path(), param_dtype="bfloat16")
+    batch = make_batch(batch_size, seq, cfg.vocab_size)
+    sides = {"ours float32": Ours(cfg, params, batch, spec, "float32"),
+             "ours bfloat16": Ours(cfg16, params16, batch, spec, "bfloat16")}
+  else:
+    cfg, _, _ = pretrained.load_llama(gguf_path(), param_dtype="bfloat16")
+    batch = make_batch(batch_size, seq, cfg.vocab_size)
+    threads = os.cpu_count() or 1
+    sides = {"peer float32": Peer(batch, spec, threads, autocast=False),
+             "peer bfloat16": Peer(batch, spec, threads, autocast=True)}
+
+  def step(side: str) -> dict:
+    start = time.perf_counter()
+    loss = sides[side].step()
+    return {"seconds": time.perf_counter() - start, "loss": loss}
+
+  def machine(n: int) -> dict:
+    return {"ceiling": {"float32": matmul_ceiling(n),
+                        "bfloat16": matmul_ceiling(n, jnp.bfloat16)},
+            "gflop_per_step": step_flops(cfg, batch_size, seq) / 1e9,
+            "jax_devices": jax.device_count(), "torch_threads": os.cpu_count() or 1}
+
+  _worker.serve({"step": step, "machine": machine})
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,31 +178,40 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--out", default=None, help="write the table as JSON here")
+  parser.add_argument("--worker", choices=("ours", "peer"), default=None,
+                      help=argparse.SUPPRESS)  # internal: serve one framework's sides
   args = parser.parse_args()
   seq = args.seq or (128 if args.quick else 512)
   repeats = args.repeats or (3 if args.quick else 5)
-  threads = os.cpu_count() or 1
+  if args.worker:
+    _serve(args.worker, args.batch, seq)
+    return
 
-  spec = lora_lib.LoraSpec(rank=8, alpha=16.0, dropout=0.0)
-  cfg, params, _ = pretrained.load_llama(gguf_path())
-  cfg16, params16, _ = pretrained.load_llama(gguf_path(), param_dtype="bfloat16")
-  batch = make_batch(args.batch, seq, cfg.vocab_size)
-  sides = {"ours float32": Ours(cfg, params, batch, spec, "float32"),
-           "ours bfloat16": Ours(cfg16, params16, batch, spec, "bfloat16"),
-           "peer float32": Peer(batch, spec, threads, autocast=False),
-           "peer bfloat16": Peer(batch, spec, threads, autocast=True)}
-  first = {name: side.step() for name, side in sides.items()}  # compile / warm-up
-  print("first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
-  for side in sides.values():
-    side.step()
-  times = {name: [] for name in sides}
-  for _ in range(repeats):
-    for name, side in sides.items():
-      times[name].append(timed(side.step))
-  ceiling = {"float32": matmul_ceiling(1024 if args.quick else 2048),
-             "bfloat16": matmul_ceiling(1024 if args.quick else 2048, jnp.bfloat16)}
+  logs = tempfile.mkdtemp(prefix="distill_bench_")
+  workers = {name: _worker.Worker(
+      [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--seq={seq}",
+       f"--batch={args.batch}"], log_path=os.path.join(logs, f"{name}.log"))
+             for name in ("ours", "peer")}
+  try:
+    names = ("ours float32", "ours bfloat16", "peer float32", "peer bfloat16")
+    run = lambda name: workers[name.split()[0]].call("step", side=name)  # noqa: E731
+    first = {name: run(name)["loss"] for name in names}  # compile / warm-up
+    print("first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
+    for name in names:
+      run(name)
+    times = {name: [] for name in names}
+    for _ in range(repeats):
+      for name in names:
+        times[name].append(run(name)["seconds"])
+    machine = workers["ours"].call("machine", n=1024 if args.quick else 2048)
+  except _worker.WorkerError as e:
+    raise SystemExit(f"{e} (worker logs in {logs})") from e
+  finally:
+    for w in workers.values():
+      w.close()
+  ceiling = machine["ceiling"]
   tokens = args.batch * seq
-  flops = step_flops(cfg, args.batch, seq)
+  flops = machine["gflop_per_step"] * 1e9
   tps = {name: tokens / statistics.median(t) for name, t in times.items()}
   mfu = {name: flops / statistics.median(t) / 1e9 / ceiling[name.split()[1]]
          for name, t in times.items()}
@@ -188,12 +235,12 @@ def main():
           f"{r['ratio']:>6.2f}")
   print("\nstep seconds: " + "; ".join(f"{k} {sorted(round(x, 3) for x in v)}"
                                       for k, v in times.items()))
-  print(f"{flops / 1e9:.0f} GFLOP per step; {jax.device_count()} JAX device(s), "
-        f"{threads} torch threads")
+  print(f"{flops / 1e9:.0f} GFLOP per step; {machine['jax_devices']} JAX device(s), "
+        f"{machine['torch_threads']} torch threads, each framework in its own process")
   if args.out:
     io.write_json(args.out, {"benchmark": "distill", "rows": rows, "details": {
         "step_seconds": times, "first_loss": first, "gflop_per_step": flops / 1e9,
-        "matmul_ceiling_gflops": ceiling}})
+        "matmul_ceiling_gflops": ceiling, "processes": "one per framework"}})
 
 
 if __name__ == "__main__":

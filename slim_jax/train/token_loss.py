@@ -80,10 +80,10 @@ def _blocks_nll_and_grad(h, head, t, m, dtype):
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [C, 1]
     e = jnp.exp(logits - top)
     z = jnp.sum(e, axis=-1, keepdims=True)  # [C, 1]
-    target = jnp.arange(logits.shape[-1]) == t[:, None]  # [C, V]
-    picked = jnp.sum(jnp.where(target, logits, 0.0), axis=-1)  # [C]
+    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]  # [C]
     nll = jnp.log(z[:, 0]) + top[:, 0] - picked
-    d_logits = (e / z - target) * m[:, None]  # [C, V]
+    # softmax * m, minus m at each target: a scatter of C values, not a [C, V] comparison.
+    d_logits = (e * (m / z[:, 0])[:, None]).at[jnp.arange(t.shape[0]), t].add(-m)  # [C, V]
     if jnp.dtype(dtype).itemsize >= 4:
       d_h = jnp.einsum("cv,dv->cd", d_logits, head.astype(jnp.float32))
     else:
