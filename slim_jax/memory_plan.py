@@ -110,10 +110,15 @@ def activation_bytes(config: llama.LlamaConfig, batch: int, length: int, sizes: 
   rows = math.ceil(batch / shards) * length  # tokens per device
   # Per token and layer: replicated-width tensors (residual in, 2 norm outputs and their
   # float32 statistics, residual mid) and tensor-sharded ones (q, k, v after RoPE, the
-  # attention output, gate, up, silu(gate)*up), plus scores and probabilities [N, T].
+  # attention output, gate, up, silu(gate)*up), plus the probabilities [N, keys] in compute
+  # dtype: slim_jax/models/attention.py's backward pass keeps no float32 scores, and each
+  # query chunk of llama.QUERY_CHUNK positions reads the keys up to its last position only.
   wide = 4 * d * s + 2 * d * 4
   split = ((n * h + 2 * k * h) * 2 + n * h + 3 * i) * s / tp
-  scores = n * length * (4 + s) / tp  # float32 logits + probabilities in compute dtype
+  chunk = llama.QUERY_CHUNK
+  keys = sum(min(chunk, length - lo) * min(lo + chunk, length)
+             for lo in range(0, length, chunk)) / length  # mean keys a query reads
+  scores = n * keys * s / tp
   per_layer = rows * (wide + split + scores)
   mask = math.ceil(batch / shards) * length * length  # bool [B, T, T]
   logits = rows * v * (s + 4 + 4) / tp  # compute-dtype logits, float32 copy, its gradient

@@ -7,7 +7,7 @@ kept for the backward pass, gradients, workspace). It is what the step needs on 
 device, computed by the compiler for the real program, on abstract inputs, so nothing is
 allocated and 1B-parameter programs compile on the test machine. The plan
 (slim_jax/memory_plan.py) must be within 20% of it without remat (measured: SmolLM2
-B=4 T=256 ratio 1.02, 1B B=2 T=512 ratio 0.91). With remat XLA:CPU's buffer assignment
+B=4 T=256 ratio 1.14, 1B B=2 T=512 ratio 1.03 on 2026-12-06). With remat XLA:CPU's buffer assignment
 barely shrinks (2.58 vs 2.76 GiB on SmolLM2: its scheduler does not order the recomputed
 layers to save memory), so the remat column is not checked against CPU; it is the
 accelerator figure (layer inputs + one layer live) and is only checked to be smaller.
