@@ -155,15 +155,9 @@ class SlimIDAgnostic(nn.Module):
   def _kind(self, k: int) -> jnp.ndarray:
     return self.kind(jnp.full((), k, jnp.int32))  # [D]
 
-  def projected_items(self) -> jnp.ndarray:
-    """[V+1, D] g_p of every item's text vector."""
-    return self.g_p(jnp.asarray(self.item_text.array))
-
-  def item_table(self, deterministic: bool = True,
-                 projected: jnp.ndarray | None = None) -> jnp.ndarray:
-    """[V+1, D] item vectors from text only (any row, seen in training or not); `projected`:
-    `projected_items()` when the caller already has it."""
-    projected = self.projected_items() if projected is None else projected
+  def item_table(self, projected: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    """[V+1, D] item vectors from text only (any row, seen in training or not), from
+    `projected` [V+1, D], g_p of every item's text vector."""
     x = (projected + self._kind(1))[:, None]  # [V+1, 1, D]
     bias = jnp.zeros((1, 1, 1, 1), x.dtype)
     return masked_item_table(self._run(x, bias, deterministic)[:, 0])
@@ -180,7 +174,7 @@ class SlimIDAgnostic(nn.Module):
     # g_p is linear, so it projects the table once and the history reads rows of it: the
     # same vectors as projecting each gathered text, without the [B, L, Dt] gather and
     # its [B*L, Dt] x [Dt, D] products (Dt = 384 for MiniLM) in every step.
-    projected = self.projected_items()  # [V+1, D]
+    projected = self.g_p(jnp.asarray(self.item_text.array))  # [V+1, D]
     history = (jnp.take(projected, inputs, axis=0) + self._kind(1)
                + self.position(positions))  # [B, L, D]
     front = [jnp.broadcast_to(self._kind(2) + self.position(jnp.zeros((), jnp.int32)),
@@ -214,7 +208,7 @@ class SlimIDAgnostic(nn.Module):
     # 90-184 epochs to converge. Scaled, the same cell reached a higher test NDCG@10 in
     # fewer epochs (docs/results/grid_speed.md).
     sequence = sequence * self.config.hidden_size ** -0.5
-    return Representations(sequence=sequence, items=self.item_table(deterministic, projected))
+    return Representations(sequence=sequence, items=self.item_table(projected, deterministic))
 
 
 # ----------------------------------------------------------------------------- variants
