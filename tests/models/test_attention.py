@@ -29,10 +29,12 @@ def _inputs(dtype, b=2, k=2, g=3, t=5, s=7, h=8):
   return q, key, value, allowed, cotangent
 
 
+@pytest.mark.parametrize("chunk", [128, 2, 3])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_values_and_gradients_equal_autodiff_of_the_formula(dtype, tol):
-  q, key, value, allowed, cotangent = _inputs(dtype)
-  out, vjp = jax.vjp(lambda *x: attention.attend(*x, allowed), q, key, value)
+def test_values_and_gradients_equal_autodiff_of_the_formula(dtype, tol, chunk):
+  """One chunk, chunks that divide T = 6 and chunks that do not."""
+  q, key, value, allowed, cotangent = _inputs(dtype, t=6, s=8)
+  out, vjp = jax.vjp(lambda *x: attention.attend(*x, allowed, chunk), q, key, value)
   ref_out, ref_vjp = jax.vjp(lambda *x: _reference(*x, allowed), q, key, value)
   assert out.dtype == dtype
   np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=tol, atol=tol)
@@ -45,9 +47,10 @@ def test_values_and_gradients_equal_autodiff_of_the_formula(dtype, tol):
                                rtol=tol, atol=tol, err_msg=name)
 
 
-def test_masked_slots_get_no_gradient():
+@pytest.mark.parametrize("chunk", [128, 2])
+def test_masked_slots_get_no_gradient(chunk):
   q, key, value, allowed, cotangent = _inputs(jnp.float32)
-  _, vjp = jax.vjp(lambda *x: attention.attend(*x, allowed), q, key, value)
+  _, vjp = jax.vjp(lambda *x: attention.attend(*x, allowed, chunk), q, key, value)
   _, d_key, d_value = vjp(cotangent)
   # Row 1's first two slots are padding: no query reads them.
   assert not np.any(np.asarray(d_key[1, :, :2]))

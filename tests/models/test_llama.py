@@ -274,3 +274,38 @@ def test_query_chunked_causal_attention_matches_transformers(tmp_path, monkeypat
   ours = np.asarray(llama.Llama(config).apply({"params": params}, ids, attention_mask=mask))
   theirs = hf_logits(model, ids, mask)
   assert np.abs(ours - theirs)[mask.astype(bool)].max() <= 1e-4
+
+
+def _rotate_half_reference(x, cos, sin):
+  """transformers' apply_rotary_pos_emb for x [B, T, N, H], cos/sin [B, T, H]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def test_rope_gradients_equal_autodiff_of_the_rotation():
+  keys = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(keys[0], (2, 5, 3, 8))
+  angles = jax.random.uniform(keys[1], (2, 5, 4), maxval=6.0)
+  angles = jnp.concatenate([angles, angles], axis=-1)  # rotate_half layout: halves alike
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  g = jax.random.normal(keys[2], x.shape)
+  out, vjp = jax.vjp(llama.apply_rope, x, cos, sin)
+  ref_out, ref_vjp = jax.vjp(_rotate_half_reference, x, cos, sin)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+  grads, ref_grads = vjp(g), ref_vjp(g)
+  np.testing.assert_allclose(grads[0], ref_grads[0], rtol=1e-5, atol=1e-5)
+  # The reference reads both halves of cos and sin, apply_rope the first: equal sums.
+  for grad, ref in zip(grads[1:], ref_grads[1:]):
+    np.testing.assert_allclose(grad[..., :4] + grad[..., 4:], ref[..., :4] + ref[..., 4:],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_rope_table_equals_cos_and_sin_of_the_angles():
+  config = llama.LlamaConfig.tiny()
+  positions = jnp.asarray([[0, 1, 2, 30], [5, 5, 6, 7]])
+  cos, sin = llama.rope_cos_sin(config, positions, table_size=31)
+  angles = np.asarray(positions, np.float64)[..., None] * llama.rope_inv_freq(config)
+  angles = np.concatenate([angles, angles], axis=-1)
+  np.testing.assert_allclose(cos, np.cos(angles), atol=2e-6)
+  np.testing.assert_allclose(sin, np.sin(angles), atol=2e-6)
