@@ -272,6 +272,23 @@ class _Block(nn.Module):
 
 
 QUERY_CHUNK = 128  # query positions per block of full-sequence causal attention
+PREFILL_QUERY_CHUNK = 64  # query positions per block of a prefill into the KV cache
+
+
+def _attend_prefill(q, key, value, allowed, prefix, first_slot: int):
+  """_attend for queries written at cache slots first_slot.. (a prefill; first_slot a
+  Python int), PREFILL_QUERY_CHUNK positions at a time, each block reading the slots up to
+  its last query only: the slots after it are masked by causality, and at the start of
+  generation they also hold the decode steps' empty slots. For 32 student prompts (about
+  290 tokens, 64 shared) the prefill took 6.6 s instead of 7.9-8.2 s on 2 cores."""
+  t = q.shape[3]
+  blocks = []
+  for lo in range(0, t, PREFILL_QUERY_CHUNK):
+    hi = min(lo + PREFILL_QUERY_CHUNK, t)
+    end = first_slot + hi  # slots 0..end-1: the cache before the prefill and its queries
+    blocks.append(_attend(q[:, :, :, lo:hi], key[:, :, :end], value[:, :, :end],
+                          allowed[:, lo:hi, :end], prefix))
+  return jnp.concatenate(blocks, axis=3)
 
 
 def _attend(q, key, value, allowed, prefix=None):
@@ -377,6 +394,8 @@ class Attention(_Block):
       value = value.astype(q.dtype)
     if cache is None:  # training and scoring: slim_jax/models/attention.py
       out = attention.attend(q, key, value, allowed, QUERY_CHUNK)  # [B, K, G, T, H]
+    elif t > 1 and isinstance(cache_index, (int, np.integer)):  # a prefill at a slot known when tracing
+      out = _attend_prefill(q, key, value, allowed, prefix, cache_index)
     else:
       out = _attend(q, key, value, allowed, prefix)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)

@@ -101,7 +101,11 @@ def test_linear_rope_scaling_matches_transformers(tmp_path):
   assert np.abs(ours - hf_logits(model, ids, mask))[mask.astype(bool)].max() <= 1e-4
 
 
-def test_kv_cache_decoding_equals_full_recomputation():
+@pytest.mark.parametrize("prefill_chunk", [64, 4])
+def test_kv_cache_decoding_equals_full_recomputation(prefill_chunk, monkeypatch):
+  """Prefill then decode one token at a time: the logits of the whole sequences. With
+  prefill blocks of 4 queries, the 9-slot prompt runs as blocks of 4, 4 and 1."""
+  monkeypatch.setattr(llama, "PREFILL_QUERY_CHUNK", prefill_chunk)
   config = llama.LlamaConfig.tiny(vocab_size=61, num_key_value_heads=1)
   model = llama.Llama(config)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
@@ -137,10 +141,12 @@ def test_kv_cache_decoding_equals_full_recomputation():
   np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, p - 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_a_prefix_held_once_equals_the_prefix_in_every_rows_cache(kv_heads):
+@pytest.mark.parametrize("kv_heads,prefill_chunk", [(1, 64), (2, 64), (2, 2)])
+def test_a_prefix_held_once_equals_the_prefix_in_every_rows_cache(kv_heads, prefill_chunk,
+                                                                 monkeypatch):
   """Rows that share L leading tokens: their keys and values held once ([1, K, L, H]) and
   read by every row give the logits of the whole sequences, in prefill and decode."""
+  monkeypatch.setattr(llama, "PREFILL_QUERY_CHUNK", prefill_chunk)
   config = llama.LlamaConfig.tiny(vocab_size=61, num_key_value_heads=kv_heads)
   model = llama.Llama(config)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
@@ -177,6 +183,30 @@ def test_a_prefix_held_once_equals_the_prefix_in_every_rows_cache(kv_heads):
     got.append(np.asarray(logits)[:, 0])
   want = full[:, -steps - 1:-1]  # predictions after the last tail token and each new one
   np.testing.assert_allclose(np.stack(got, axis=1), want, atol=1e-5)
+
+
+def test_a_prefill_in_two_parts_reads_the_slots_before_it(monkeypatch):
+  """A prompt prefilled as two calls (slots 0-4, then 5-10, in blocks of 2 queries): the
+  second part's blocks read the first part's slots and their own, and every logit equals
+  the full sequence's."""
+  monkeypatch.setattr(llama, "PREFILL_QUERY_CHUNK", 2)
+  config = llama.LlamaConfig.tiny(vocab_size=61)
+  model = llama.Llama(config)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  ids, mask = left_padded_batch(vocab=61, lengths=(11, 8))
+  full = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
+  s, split = 14, 5
+  cache = llama.init_cache(config, 2, s)
+  cache_mask = np.zeros((2, s), bool)
+  cache_mask[:, :ids.shape[1]] = mask
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  got = []
+  for lo, hi in ((0, split), (split, ids.shape[1])):
+    logits, cache = model.apply({"params": params}, ids[:, lo:hi], attention_mask=cache_mask,
+                                positions=positions[:, lo:hi], cache=cache, cache_index=lo)
+    got.append(np.asarray(logits))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.concatenate(got, axis=1)[valid], full[valid], atol=1e-5)
 
 
 def test_a_bfloat16_cache_is_written_as_bits_to_the_same_values():
