@@ -55,7 +55,7 @@ def _forward(q, key, value, allowed):
   return out.reshape(b, k, g, t, h), probs
 
 
-def _chunks(t: int, s: int, chunk: int):
+def query_chunks(t: int, s: int, chunk: int):
   """(lo, hi, keys) per query chunk: queries [lo, hi) read the first `keys` slots."""
   return [(lo, min(lo + chunk, t), s - t + min(lo + chunk, t)) for lo in range(0, t, chunk)]
 
@@ -67,7 +67,7 @@ def attend(q, key, value, allowed, chunk):
 
 def _attend_fwd(q, key, value, allowed, chunk):
   outs, probs = [], []
-  for lo, hi, keys in _chunks(q.shape[3], key.shape[2], chunk):
+  for lo, hi, keys in query_chunks(q.shape[3], key.shape[2], chunk):
     out, p = _forward(q[:, :, :, lo:hi], key[:, :, :keys], value[:, :, :keys],
                       allowed[:, lo:hi, :keys])
     outs.append(out)
@@ -97,7 +97,7 @@ def _attend_bwd(chunk, residuals, d_out):
   d_q = []
   d_key = jnp.zeros(key.shape, jnp.float32)
   d_value = jnp.zeros(value.shape, jnp.float32)
-  for (lo, hi, keys), p in zip(_chunks(q.shape[3], key.shape[2], chunk), probs):
+  for (lo, hi, keys), p in zip(query_chunks(q.shape[3], key.shape[2], chunk), probs):
     dq, dk, dv = _chunk_grads(q[:, :, :, lo:hi], key[:, :, :keys], value[:, :, :keys], p,
                               out[:, :, :, lo:hi], d_out[:, :, :, lo:hi])
     d_q.append(dq)
